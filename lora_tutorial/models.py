@@ -1,0 +1,65 @@
+"""``TinyAdapter``: the two-layer network of chapters 3-5."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._checks import check_positive_int
+from .layers import LoRALinear, _check_hparams, make_linear
+
+__all__ = ["TinyAdapter"]
+
+
+class TinyAdapter(nn.Module):
+    """``backbone`` (``nn.Linear``) → GELU → ``head`` (:class:`LoRALinear`).
+
+    The backbone is an ordinary layer that pretraining trains and fine-tuning
+    freezes; the head's base is frozen from the start and its adapter is what
+    fine-tuning trains.
+
+    Args:
+        d_in, d_hidden, d_out: layer sizes.
+        r, alpha, dropout: the head's LoRA rank, scale numerator and adapter dropout.
+        init, init_scale, rslora: passed on to :class:`LoRALinear`.
+        generator: draw every initial value from this generator (backbone
+            first, then the head) instead of PyTorch's global RNG.
+
+    Shapes:
+        input ``(n, d_in)`` → output ``(n, d_out)``; :meth:`features` gives the
+        head's input ``(n, d_hidden)``.
+    """
+
+    def __init__(
+        self,
+        d_in: int = 128,
+        d_hidden: int = 256,
+        d_out: int = 16,
+        r: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.1,
+        *,
+        init: str = "normal",
+        init_scale: float = 1e-4,
+        rslora: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out)):
+            check_positive_int(name, value)
+        # Check the head's arguments before the backbone draws from the generator.
+        _check_hparams(r, alpha, dropout, init, init_scale)
+        super().__init__()
+        self.backbone = make_linear(d_in, d_hidden, generator=generator)
+        self.head = LoRALinear(
+            d_hidden, d_out, r=r, alpha=alpha, dropout=dropout, bias=True,
+            init=init, init_scale=init_scale, rslora=rslora, generator=generator,
+        )
+        self.act = nn.GELU()
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input ``gelu(backbone(x))``: ``(n, d_in)`` → ``(n, d_hidden)``."""
+        return self.act(self.backbone(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``head(gelu(backbone(x)))``: ``(n, d_in)`` → ``(n, d_out)``."""
+        return self.head(self.features(x))

@@ -1,0 +1,76 @@
+"""Counting and freezing parameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ._checks import check_choice
+from .layers import LoRALinear
+
+__all__ = ["BIAS_MODES", "ParamCount", "count_parameters", "mark_only_lora_as_trainable"]
+
+#: What :func:`mark_only_lora_as_trainable` may do with biases.
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    """Trainable and total parameter counts; prints as ``2192/39312 (5.58%)``."""
+
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        """Trainable parameters as a percentage of all parameters (0 for an empty model)."""
+        return 100.0 * self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.trainable}/{self.total} ({self.percent:.2f}%)"
+
+
+def count_parameters(model: nn.Module) -> ParamCount:
+    """Count ``model``'s parameters that require a gradient, and all of them.
+
+    Shared parameters are counted once.
+    """
+    trainable = total = 0
+    for p in model.parameters():  # parameters() already skips duplicates
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+    return ParamCount(trainable, total)
+
+
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCount:
+    """Freeze everything but the LoRA factors (``lora_A``, ``lora_B``), in place.
+
+    Args:
+        model: any module; parameters whose name contains ``"lora_"`` stay trainable.
+        bias: ``"none"`` freezes every bias; ``"all"`` keeps every bias in the
+            model trainable; ``"lora_only"`` keeps the bias of each
+            :class:`LoRALinear`'s base layer trainable (what the source does when
+            it trains "LoRA A/B and optional bias" of the head).
+
+    Returns:
+        The resulting :class:`ParamCount`.
+    """
+    check_choice("bias", bias, BIAS_MODES)
+    lora_biases = {
+        id(module.base.bias)
+        for module in model.modules()
+        if isinstance(module, LoRALinear) and module.base.bias is not None
+    }
+    for name, p in model.named_parameters():
+        is_bias = name == "bias" or name.endswith(".bias")
+        if "lora_" in name:
+            p.requires_grad = True
+        elif bias == "all" and is_bias:
+            p.requires_grad = True
+        elif bias == "lora_only" and id(p) in lora_biases:
+            p.requires_grad = True
+        else:
+            p.requires_grad = False
+    return count_parameters(model)

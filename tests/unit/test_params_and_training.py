@@ -1,0 +1,146 @@
+"""Counting, freezing, the training loop and evaluation."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from lora_tutorial import (
+    LoRALinear,
+    ParamCount,
+    TinyAdapter,
+    count_parameters,
+    evaluate,
+    mark_only_lora_as_trainable,
+    train,
+)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------- counts
+def test_tiny_adapter_counts_after_the_sources_freezing():
+    model = TinyAdapter()
+    # The source's own freezing: backbone frozen, head trains "lora_" and "bias".
+    model.backbone.requires_grad_(False)
+    for name, p in model.head.named_parameters():
+        p.requires_grad = ("lora_" in name) or ("bias" in name)
+    count = count_parameters(model)
+    assert (count.trainable, count.total) == (2192, 39312)
+    assert str(count) == "2192/39312 (5.58%)"
+    # ... and the helper that does the same.
+    assert mark_only_lora_as_trainable(TinyAdapter(), bias="lora_only") == ParamCount(2192, 39312)
+
+
+def test_bias_modes():
+    model = TinyAdapter()
+    assert mark_only_lora_as_trainable(model, bias="none").trainable == 2048 + 128
+    assert mark_only_lora_as_trainable(model, bias="all").trainable == 2048 + 128 + 256 + 16
+    with pytest.raises(ValueError, match="bias must be one of 'none', 'all', 'lora_only', got 'some'"):
+        mark_only_lora_as_trainable(model, bias="some")
+
+
+def test_count_parameters_counts_shared_parameters_once():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, shared)
+    assert count_parameters(model) == ParamCount(20, 20)
+    assert ParamCount(0, 0).percent == 0.0
+
+
+@pytest.mark.parametrize("bias, trained_biases", [("none", set()), ("lora_only", {"head.base.bias"}),
+                                                  ("all", {"head.base.bias", "backbone.bias"})])
+def test_after_freezing_only_the_adapter_gets_gradients(bias, trained_biases):
+    model = TinyAdapter(d_in=8, d_hidden=12, d_out=3, r=2, generator=gen())
+    with torch.no_grad():
+        model.head.lora_B.normal_(generator=gen(1))  # so that lora_A gets a non-zero gradient too
+    mark_only_lora_as_trainable(model, bias=bias)
+    x, y = torch.randn(16, 8, generator=gen(2)), torch.randn(16, 3, generator=gen(3))
+    nn.functional.mse_loss(model(x), y).backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None}
+    assert with_grad == {"head.lora_A", "head.lora_B"} | trained_biases
+    assert model.head.lora_A.grad.abs().sum() > 0 and model.head.lora_B.grad.abs().sum() > 0
+
+
+def test_tiny_adapter_shapes_and_features():
+    model = TinyAdapter(generator=gen())
+    x = torch.randn(10, 128, generator=gen(1))
+    assert model(x).shape == (10, 16)
+    assert model.features(x).shape == (10, 256)
+    torch.testing.assert_close(model.head(model.features(x)), model(x))
+
+
+def test_tiny_adapter_bad_arguments_fail_before_building():
+    g = gen()
+    state = g.get_state()
+    with pytest.raises(ValueError, match="r must be a positive int, got 0"):
+        TinyAdapter(r=0, generator=g)
+    with pytest.raises(ValueError, match="d_hidden must be a positive int"):
+        TinyAdapter(d_hidden=0, generator=g)
+    assert torch.equal(g.get_state(), state)
+
+
+# ----------------------------------------------------------------- training
+def regression_problem(n=256):
+    x = torch.randn(n, 6, generator=gen(1))
+    w = torch.randn(2, 6, generator=gen(2))
+    return x, x @ w.T
+
+
+def test_train_reduces_the_loss_and_returns_its_history(global_rng_untouched):
+    x, y = regression_problem()
+    layer = LoRALinear(6, 2, r=2, alpha=2.0, dropout=0.0, init="kaiming", generator=gen())
+    history = train(layer, x, y, steps=200, lr=0.05)
+    assert len(history) == 200
+    assert history[-1] < 0.5 * history[0]
+    assert history[0] == pytest.approx(nn.functional.mse_loss(
+        LoRALinear(6, 2, r=2, alpha=2.0, dropout=0.0, init="kaiming", generator=gen())(x), y).item())
+
+
+def test_train_is_deterministic_with_dropout_and_restores_the_mode(global_rng_untouched):
+    x, y = regression_problem()
+    first = LoRALinear(6, 2, r=2, dropout=0.3, init="kaiming", generator=gen()).eval()
+    second = copy.deepcopy(first)
+    calls = []
+    h1 = train(first, x, y, steps=20, lr=0.01, seed=5, callback=lambda s, v: calls.append((s, v)))
+    h2 = train(second, x, y, steps=20, lr=0.01, seed=5)
+    assert h1 == h2
+    assert calls == list(enumerate(h1, start=1))
+    assert not first.training
+    h3 = train(copy.deepcopy(second), x, y, steps=20, lr=0.01, seed=6)
+    assert h3 != h2
+
+
+def test_train_errors():
+    x, y = regression_problem()
+    frozen = nn.Linear(6, 2).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train(frozen, x, y, steps=1, lr=0.1)
+    with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
+        train(nn.Linear(6, 2), x, y, steps=0, lr=0.1)
+    with pytest.raises(ValueError, match="lr must be a positive finite number, got -1"):
+        train(nn.Linear(6, 2), x, y, steps=1, lr=-1)
+    with pytest.raises(ValueError, match="optimizer must be one of 'adamw', 'adam', 'sgd', got 'lbfgs'"):
+        train(nn.Linear(6, 2), x, y, steps=1, lr=0.1, optimizer="lbfgs")
+    with pytest.raises(ValueError, match="same number of rows, got 256 and 10"):
+        train(nn.Linear(6, 2), x, y[:10], steps=1, lr=0.1)
+    with pytest.raises(FloatingPointError, match="became"):
+        train(nn.Linear(6, 2), x * 1e3, y, steps=50, lr=1e3, optimizer="sgd")
+
+
+def test_evaluate_runs_in_eval_mode_and_restores_the_mode(global_rng_untouched):
+    layer = LoRALinear(6, 2, r=2, dropout=0.5, generator=gen())
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=gen(4))
+    x, y = regression_problem()
+    layer.train()
+    clean = evaluate(layer, x, y)
+    assert layer.training
+    assert clean == pytest.approx(nn.functional.mse_loss(layer.eval()(x), y).item())
+    assert not layer.training
+    noisy = evaluate(layer, x, y, train_mode=True, seed=1)
+    assert not layer.training
+    assert noisy != pytest.approx(clean)
+    assert noisy == evaluate(layer, x, y, train_mode=True, seed=1)
