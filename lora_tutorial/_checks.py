@@ -17,7 +17,6 @@ import torch
 __all__ = [
     "as_generator",
     "check_choice",
-    "check_finite_tensor",
     "check_last_dim",
     "check_non_negative",
     "check_positive_finite",
@@ -85,13 +84,6 @@ def check_last_dim(name: str, x: object, expected: int) -> torch.Tensor:
             f"got shape {tuple(x.shape)}"
         )
     return x
-
-
-def check_finite_tensor(name: str, x: torch.Tensor) -> None:
-    """Raise if ``x`` holds NaN or infinite values, saying how many."""
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(f"{name} has {bad} non-finite value(s) (NaN or inf) out of {x.numel()}")
 
 
 def as_generator(seed: int | torch.Generator, name: str = "seed") -> torch.Generator:

@@ -14,7 +14,7 @@ def relative_update_norm(layer: LoRALayer | LoRALinear, x: torch.Tensor) -> floa
     """``‖update(x)‖ / ‖base(x)‖`` over a batch ``x (n, in_features)`` (Frobenius norms).
 
     How large the adapter's contribution to the output is, relative to what the
-    frozen layer computes: 0 for a fresh :class:`LoRALinear` (``B = 0``).
+    frozen layer computes: 0 for a fresh :class:`~lora_tutorial.layers.LoRALinear` (``B = 0``).
     Dropout is not applied.
     """
     if isinstance(layer, LoRALayer):

@@ -8,11 +8,11 @@ means and ``E‖y‖²``. :class:`FeatureStats` holds them. From them:
 * :func:`best_low_rank_update` solves reduced-rank regression: the lowest loss
   *any* rank-``r`` change of the weight (plus, optionally, a new bias) can
   reach on these features, and the change that reaches it;
-* :func:`fit_lora_on_stats` trains a :class:`~lora_tutorial.LoRALinear`'s
+* :func:`fit_lora_on_stats` trains a :class:`~lora_tutorial.layers.LoRALinear`'s
   adapter on the exact full-batch loss at a cost that does not depend on the
   number of samples. Dropout on the adapter's input enters through its exact
   expectation, ``p/(1-p) · Σᵢ E[hᵢ²] ‖ΔW[:, i]‖² / d_out``, so the objective is
-  the expected value of the loss :func:`~lora_tutorial.train` sees at each step.
+  the expected value of the loss :func:`~lora_tutorial.training.train` sees at each step.
 
 All statistics are kept in float64.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_positive_finite, check_positive_int, check_probability
+from ._checks import check_choice, check_positive_finite, check_positive_int
 from .layers import LoRALinear
 
 __all__ = ["FeatureStats", "LowRankFit", "best_low_rank_update", "fit_lora_on_stats"]
@@ -185,22 +185,42 @@ def fit_lora_on_stats(
     lr: float,
     train_bias: bool = True,
     weight_decay: float = 0.01,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
     record_every: int = 1,
+    record: str = "objective",
 ) -> list[float]:
     """Train ``layer``'s adapter (and bias) in place on the loss given by ``stats``.
 
-    The optimizer is AdamW with ``weight_decay`` (PyTorch's default 0.01), as in
-    :func:`~lora_tutorial.train`. The objective is the exact full-batch MSE plus
-    the exact expected effect of the layer's dropout, so it is deterministic.
-    The cost of a step depends on the layer's sizes, not on the number of
-    samples.
+    The optimizer is AdamW with PyTorch's defaults (``weight_decay=0.01``), as in
+    :func:`~lora_tutorial.training.train`, on the exact full-batch MSE plus the exact
+    expected effect of the layer's dropout, so the result is deterministic. A
+    step costs ``O(k·d²)`` for a ``(k, d)`` layer, whatever the number of
+    samples: the gradients are written out by hand (in float64) rather than
+    taken by autograd, which keeps a 600-step fit of a 256→16 head near 0.1 s.
+
+    With ``ΔW = s·B·A``, ``W = W0 + ΔW`` and ``q = p/(1-p)``, the objective is
+
+    .. math:: L = \\tfrac1k\\big(E\\|y\\|^2 - 2\\,\\mathrm{tr}(W C) + \\mathrm{tr}(W G W^T)
+              + 2 b^T W \\bar h - 2 b^T \\bar y + b^T b + q \\textstyle\\sum_{ji} G_{ii} \\Delta W_{ji}^2\\big)
+
+    and its gradients are ``∂L/∂W = (2/k)(W G - Cᵀ + b h̄ᵀ)``,
+    ``∂L/∂ΔW = ∂L/∂W + (2q/k) ΔW·diag(G)``, ``∂L/∂A = s Bᵀ ∂L/∂ΔW``,
+    ``∂L/∂B = s ∂L/∂ΔW Aᵀ`` and ``∂L/∂b = (2/k)(W h̄ + b - ȳ)``.
+
+    Args:
+        record: what the history holds: ``"objective"`` (the expected training
+            loss, dropout included) or ``"mse"`` (the training loss in
+            evaluation mode, without dropout's penalty).
 
     Returns:
-        The objective every ``record_every`` steps (the expected training loss).
+        The recorded value before each recorded step (steps 1,
+        ``record_every``, ``2·record_every`` and so on).
     """
     steps = check_positive_int("steps", steps)
     lr = check_positive_finite("lr", lr)
     record_every = check_positive_int("record_every", record_every)
+    check_choice("record", record, ("objective", "mse"))
     if layer.merged:
         raise RuntimeError("cannot train a merged layer: call unmerge_weights_() first")
     if (stats.d_out, stats.d_in) != (layer.out_features, layer.in_features):
@@ -209,32 +229,55 @@ def fit_lora_on_stats(
             f"({layer.out_features}, {layer.in_features}) layer"
         )
     p = layer.dropout.p if isinstance(layer.dropout, torch.nn.Dropout) else 0.0
-    check_probability("dropout", p)
-    w0 = layer.base.weight.detach()
-    bias = layer.base.bias
-    params = [layer.lora_A, layer.lora_B]
-    if train_bias and bias is not None:
-        params.append(bias)
-    saved = [q.requires_grad for q in params]
-    for q in params:
-        q.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    q, s, k = p / (1 - p), layer.scaling, stats.d_out
+    beta1, beta2 = betas
+
+    def f64(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to("cpu", torch.float64).clone()
+
+    a, b_mat, w0 = f64(layer.lora_A), f64(layer.lora_B), f64(layer.base.weight)
+    bias = None if layer.base.bias is None else f64(layer.base.bias)
+    params = [a, b_mat] + ([bias] if (train_bias and bias is not None) else [])
+    exp_avg = [torch.zeros_like(t) for t in params]
+    exp_avg_sq = [torch.zeros_like(t) for t in params]
+    gram, cross_t, diag_g = stats.gram, stats.cross.T, torch.diagonal(stats.gram)
     history: list[float] = []
-    try:
-        for step in range(1, steps + 1):
-            opt.zero_grad(set_to_none=True)
-            delta = layer.delta_weight()
-            loss = stats.mse(w0 + delta, bias) + stats.dropout_penalty(delta, p)
-            loss.backward()
-            opt.step()
-            if step % record_every == 0 or step == 1:
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(
-                        f"the loss became {value} at step {step} (lr={lr}, alpha={layer.alpha}); lower either"
-                    )
-                history.append(value)
-    finally:
-        for q, flag in zip(params, saved):
-            q.requires_grad_(flag)
+    for step in range(1, steps + 1):
+        delta = s * (b_mat @ a)
+        w = w0 + delta
+        wg = w @ gram
+        grad_w = wg - cross_t
+        if bias is not None:
+            grad_w = grad_w + torch.outer(bias, stats.mean_h)
+        grad_delta = (2.0 / k) * (grad_w + q * delta * diag_g)
+        grads = [s * (b_mat.T @ grad_delta), s * (grad_delta @ a.T)]
+        if len(params) == 3:
+            grads.append((2.0 / k) * (w @ stats.mean_h + bias - stats.mean_y))
+        if step % record_every == 0 or step == 1:
+            total = stats.y_sq - 2 * (w * cross_t).sum() + (wg * w).sum()
+            if record == "objective":
+                total = total + q * (delta * delta * diag_g).sum()
+            if bias is not None:
+                total = total + 2 * bias @ (w @ stats.mean_h) - 2 * bias @ stats.mean_y + bias @ bias
+            value = float(total) / k
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"the loss became {value} at step {step} (lr={lr}, alpha={layer.alpha}); lower either"
+                )
+            history.append(value)
+        # AdamW, exactly as torch.optim.AdamW computes it.
+        bias_c1, bias_c2 = 1 - beta1**step, 1 - beta2**step
+        for param, grad, m, v in zip(params, grads, exp_avg, exp_avg_sq):
+            param.mul_(1 - lr * weight_decay)
+            m.lerp_(grad, 1 - beta1)
+            v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(bias_c2)).add_(eps)
+            param.addcdiv_(m, denom, value=-lr / bias_c1)
+    if not (torch.isfinite(a).all() and torch.isfinite(b_mat).all()):
+        raise FloatingPointError(f"the adapter became non-finite (lr={lr}, alpha={layer.alpha}); lower either")
+    with torch.no_grad():
+        layer.lora_A.copy_(a)
+        layer.lora_B.copy_(b_mat)
+        if len(params) == 3:
+            layer.base.bias.copy_(bias)
     return history

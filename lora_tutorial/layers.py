@@ -27,7 +27,6 @@ from torch import nn
 
 from ._checks import (
     check_choice,
-    check_finite_tensor,
     check_last_dim,
     check_positive_finite,
     check_positive_int,
@@ -72,10 +71,6 @@ def make_linear(
     return linear
 
 
-def _randn(*shape: int, generator: torch.Generator | None) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator)
-
-
 class LoRALayer(nn.Module):
     """Chapter 1's naive LoRA layer, kept naive on purpose.
 
@@ -116,8 +111,8 @@ class LoRALayer(nn.Module):
         self.linear = make_linear(in_features, out_features, generator=generator)
         self.linear.weight.requires_grad = False
         self.linear.bias.requires_grad = not freeze_bias
-        self.lora_A = nn.Parameter(_randn(in_features, rank, generator=generator))
-        self.lora_B = nn.Parameter(_randn(rank, out_features, generator=generator))
+        self.lora_A = nn.Parameter(torch.randn(in_features, rank, generator=generator))
+        self.lora_B = nn.Parameter(torch.randn(rank, out_features, generator=generator))
         self.scaling = 1.0
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +123,7 @@ class LoRALayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``linear(x) + scaling * (x @ A) @ B``: ``(..., in)`` → ``(..., out)``."""
         check_last_dim("x", x, self.in_features)
-        return self.linear(x) + self.scaling * (x @ self.lora_A) @ self.lora_B
+        return self.linear(x) + self.update(x)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
@@ -296,7 +291,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return
         delta = self.delta_weight()
-        check_finite_tensor("delta_weight() (refusing to merge; weights left untouched)", delta)
+        bad = int((~torch.isfinite(delta)).sum())
+        if bad:
+            raise ValueError(
+                f"refusing to merge: delta_weight() has {bad} non-finite value(s) (NaN or inf) "
+                f"out of {delta.numel()}; the weights are left untouched"
+            )
         self.base.weight += delta
         self.merged = True
 

@@ -12,7 +12,7 @@ __all__ = ["TinyAdapter"]
 
 
 class TinyAdapter(nn.Module):
-    """``backbone`` (``nn.Linear``) → GELU → ``head`` (:class:`LoRALinear`).
+    """``backbone`` (``nn.Linear``) → GELU → ``head`` (:class:`~lora_tutorial.layers.LoRALinear`).
 
     The backbone is an ordinary layer that pretraining trains and fine-tuning
     freezes; the head's base is frozen from the start and its adapter is what
@@ -21,7 +21,7 @@ class TinyAdapter(nn.Module):
     Args:
         d_in, d_hidden, d_out: layer sizes.
         r, alpha, dropout: the head's LoRA rank, scale numerator and adapter dropout.
-        init, init_scale, rslora: passed on to :class:`LoRALinear`.
+        init, init_scale, rslora: passed on to :class:`~lora_tutorial.layers.LoRALinear`.
         generator: draw every initial value from this generator (backbone
             first, then the head) instead of PyTorch's global RNG.
 

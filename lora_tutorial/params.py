@@ -51,7 +51,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCo
         model: any module; parameters whose name contains ``"lora_"`` stay trainable.
         bias: ``"none"`` freezes every bias; ``"all"`` keeps every bias in the
             model trainable; ``"lora_only"`` keeps the bias of each
-            :class:`LoRALinear`'s base layer trainable (what the source does when
+            :class:`~lora_tutorial.layers.LoRALinear`'s base layer trainable (what the source does when
             it trains "LoRA A/B and optional bias" of the head).
 
     Returns:

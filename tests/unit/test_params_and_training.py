@@ -144,3 +144,15 @@ def test_evaluate_runs_in_eval_mode_and_restores_the_mode(global_rng_untouched):
     assert not layer.training
     assert noisy != pytest.approx(clean)
     assert noisy == evaluate(layer, x, y, train_mode=True, seed=1)
+
+
+def test_default_device_asks_each_backend_about_itself(monkeypatch):
+    from lora_tutorial import default_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_device().type == "cuda"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert default_device().type == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert default_device().type == "cpu"
