@@ -6,12 +6,32 @@ One concept per module, all re-exported here:
 * :mod:`~lora_tutorial.models`: :class:`TinyAdapter`.
 * :mod:`~lora_tutorial.data`: the toy data sets.
 * :mod:`~lora_tutorial.params`: counting and freezing parameters.
+* :mod:`~lora_tutorial.pretraining`: chapter 3's pretraining and its shipped checkpoint.
 * :mod:`~lora_tutorial.training`: full-batch :func:`train` and :func:`evaluate`.
 * :mod:`~lora_tutorial.frozen_features`: best low-rank updates and fast training on frozen features.
+* :mod:`~lora_tutorial.efficiency`: counting parameters, bytes and memory, up to GPT-3.
+* :mod:`~lora_tutorial.explorer`: the rank/alpha explorer (live and static).
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
+* :mod:`~lora_tutorial.device`: :func:`default_device`.
+* :mod:`~lora_tutorial.book`: plot style and source display for the notebooks.
 """
 
 from .analysis import relative_update_norm, singular_values
+from .book import glue, source_code, use_book_style
+from .device import default_device
+from .efficiency import (
+    GPT3_175B,
+    TransformerShape,
+    adam_training_bytes,
+    adapter_parameter_count,
+    break_even_rank,
+    checkpoint_bytes,
+    format_bytes,
+    full_parameter_count,
+    lora_parameter_count,
+    optimizer_state_bytes,
+)
+from .explorer import RankAlphaLab, rank_alpha_explorer, static_rank_alpha_explorer
 from .data import (
     AdaptationTask,
     create_toy_dataset,
@@ -23,35 +43,56 @@ from .data import (
 from .frozen_features import FeatureStats, LowRankFit, best_low_rank_update, fit_lora_on_stats
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
 from .models import TinyAdapter
+from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
 from .training import OPTIMIZERS, evaluate, isolated_rng, train
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "adam_training_bytes",
     "AdaptationTask",
+    "adapter_parameter_count",
+    "best_low_rank_update",
     "BIAS_MODES",
+    "break_even_rank",
+    "checkpoint_bytes",
+    "count_parameters",
+    "create_toy_dataset",
+    "default_device",
+    "evaluate",
     "FeatureStats",
+    "fit_lora_on_stats",
+    "format_bytes",
+    "forward_with_mats",
+    "full_parameter_count",
+    "glue",
+    "GPT3_175B",
     "INIT_MODES",
+    "isolated_rng",
+    "lora_parameter_count",
     "LoRALayer",
     "LoRALinear",
     "LowRankFit",
-    "OPTIMIZERS",
-    "ParamCount",
-    "TinyAdapter",
-    "best_low_rank_update",
-    "count_parameters",
-    "create_toy_dataset",
-    "evaluate",
-    "fit_lora_on_stats",
-    "forward_with_mats",
-    "isolated_rng",
     "make_adaptation_task",
     "make_linear",
     "make_task_matrices",
     "mark_only_lora_as_trainable",
+    "optimizer_state_bytes",
+    "OPTIMIZERS",
+    "ParamCount",
+    "pretrain",
+    "pretrained_tiny_adapter",
+    "rank_alpha_explorer",
+    "RankAlphaLab",
     "relative_update_norm",
     "singular_values",
+    "source_code",
+    "source_setup",
+    "static_rank_alpha_explorer",
     "synth_data",
+    "TinyAdapter",
     "train",
+    "TransformerShape",
+    "use_book_style",
 ]

@@ -1,0 +1,31 @@
+"""The notebook helpers: glue writes what myst-nb reads; source_code drops docstrings."""
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+import lora_tutorial as lt
+
+
+@pytest.fixture(scope="module")
+def shell():
+    return InteractiveShell.instance()
+
+
+@pytest.mark.parametrize("value", [2192, 1.144, "2192/39312 (5.58%)"])
+def test_glue_writes_what_myst_nb_glue_writes(shell, value):
+    from myst_nb import glue as myst_glue
+
+    with capture_output() as ours:
+        lt.glue("key", value)
+    with capture_output() as theirs:
+        myst_glue("key", value, display=False)
+    assert [(o.data, o.metadata) for o in ours.outputs] == [(o.data, o.metadata) for o in theirs.outputs]
+    assert ours.outputs[0].metadata["scrapbook"] == {"name": "key", "mime_prefix": "application/papermill.record/"}
+
+
+def test_source_code_drops_docstrings_and_keeps_code():
+    source = lt.source_code(lt.LoRALinear.merge_weights_)
+    assert source.startswith("@torch.no_grad()\ndef merge_weights_(self) -> None:\n")
+    assert '"""' not in source and "self.base.weight += delta" in source
+    assert '"""' not in lt.source_code(lt.LoRALayer)
