@@ -1,0 +1,122 @@
+"""House rules for the stored notebooks, checked without running them.
+
+`pytest --nbval` proves that the stored outputs are current; these tests check
+that they are outputs worth storing, and that each chapter keeps the book's
+conventions.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+ADDRESS = re.compile(r"0x[0-9a-fA-F]{6,}")
+MACHINE_PATH = re.compile(r"(/work/|/tmp/|/root/|/home/|site-packages|\\Users\\)")
+
+
+def load(path):
+    return json.loads(path.read_text())
+
+
+def markdown(nb):
+    return "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+
+
+def code_cells(nb):
+    return [c for c in nb["cells"] if c["cell_type"] == "code"]
+
+
+def test_the_chapters_are_there():
+    assert [p.name for p in NOTEBOOKS][:4] == [
+        "01_naive_lora.ipynb",
+        "02_scaled_zero_init.ipynb",
+        "03_pretrain_finetune_merge.ipynb",
+        "04_parameter_efficiency.ipynb",
+    ]
+    toc = (ROOT / "_toc.yml").read_text()
+    for path in NOTEBOOKS:
+        assert f"notebooks/{path.stem}" in toc, f"{path.name} is not in _toc.yml"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_executed_top_to_bottom_in_one_kernel(path):
+    counts = [c["execution_count"] for c in code_cells(load(path))]
+    assert counts == list(range(1, len(counts) + 1)), "re-run with `make notebooks`"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_outputs_are_clean(path):
+    for i, cell in enumerate(code_cells(load(path))):
+        for out in cell["outputs"]:
+            assert out["output_type"] != "error", f"code cell {i} stores a traceback"
+            assert out.get("name") != "stderr", f"code cell {i} stores stderr: {''.join(out['text'])[:200]}"
+            text = "".join(out.get("text", "")) + json.dumps(
+                {k: v for k, v in out.get("data", {}).items() if not k.startswith("image/")})
+            assert not ADDRESS.search(text), f"code cell {i} shows a memory address"
+            assert not MACHINE_PATH.search(text), f"code cell {i} shows a machine path"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_output_is_ignored_by_nbval(path):
+    # Strict nbval everywhere: no cell opts out of the comparison.
+    for cell in code_cells(load(path)):
+        tags = cell.get("metadata", {}).get("tags", [])
+        assert not any(t.startswith("nbval-") for t in tags), tags
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_chapter_structure(path):
+    nb = load(path)
+    text = markdown(nb)
+    assert nb["cells"][0]["cell_type"] == "markdown" and "".join(nb["cells"][0]["source"]).startswith("# ")
+    assert "What you will learn" in text
+    assert "## Summary" in text and "## Exercises" in text
+    assert text.index("## Summary") < text.index("## Exercises")
+    exercises = re.findall(r"```\{exercise\}\n:label: (\S+)", text)
+    assert 2 <= len(exercises) <= 4
+    solutions = re.findall(r"```\{solution(?:-start)?\} (\S+)\n:class: dropdown", text)
+    assert solutions == exercises, "every exercise needs a dropdown solution, in order"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_figures_have_captions_titles_and_labels(path):
+    for cell in code_cells(load(path)):
+        shows_figure = any("image/png" in out.get("data", {}) for out in cell["outputs"])
+        if not shows_figure:
+            continue
+        source = "".join(cell["source"])
+        caption = cell["metadata"].get("mystnb", {}).get("figure", {}).get("caption", "")
+        assert len(caption) > 40, f"figure without a caption: {source[:80]}"
+        assert "set_title" in source or "suptitle" in source, f"figure without a title: {source[:80]}"
+        assert "set_xlabel" in source and ("set_ylabel" in source or "barh" in source), source[:80]
+        assert source.rstrip().endswith("plt.show()"), "end figure cells with plt.show()"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_glued_name_in_the_prose_is_glued_by_the_notebook(path):
+    nb = load(path)
+    glued = {
+        out["metadata"]["scrapbook"]["name"]
+        for cell in code_cells(nb)
+        for out in cell["outputs"]
+        if "scrapbook" in out.get("metadata", {})
+    }
+    used = set(re.findall(r"\{glue:text\}`([A-Za-z0-9_]+)(?::[^`]*)?`", markdown(nb)))
+    assert used <= glued, f"pasted but never glued: {sorted(used - glued)}"
+
+
+def test_notebook_sizes_are_sensible():
+    for path in NOTEBOOKS:
+        assert path.stat().st_size < 2_500_000, f"{path.name} is {path.stat().st_size / 1e6:.1f} MB"
+
+
+def test_chapter_4_stores_the_static_widgets():
+    nb = load(ROOT / "notebooks" / "04_parameter_efficiency.ipynb")
+    state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    models = [m["model_name"] for m in state.values()]
+    assert models.count("LinkModel") >= 1 + 2 + 2 * 5
+    assert models.count("StackModel") >= 1 + 2 + 2 * 5
+    assert models.count("ImageModel") >= 2 * 5 * 6
