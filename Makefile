@@ -1,15 +1,20 @@
 # LoRA from Scratch: the two set-up commands (see README.md).
 #
-#   make book    install everything into .venv and build the book into _build/html
-#   make test    install everything into .venv and run every test
+#   make book    install everything into .venv, then build the book into _build/html
+#   make test    the same, then run every test (units, strict nbval, browser tests of the book)
 #
-# Other targets: `make notebooks` re-executes every chapter and stores its outputs,
-# `make benchmark` prints the timing figures, `make clean` removes build products.
+# Other targets:
+#   make notebooks   re-execute every chapter top to bottom and store its outputs
+#   make benchmark   print the timing figures (suite, explorer latency, frozen features)
+#   make clean       remove build products
+#
+# VENV selects the virtual environment (CI passes a fresh one); JB_FLAGS the book's build flags.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 JB_FLAGS ?= -W -n --keep-going
+CHROMIUM ?= /usr/bin/chromium
 
 .PHONY: book test notebooks benchmark clean
 
@@ -18,17 +23,26 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-book: $(VENV)/.installed
+# The JavaScript the book ships so that it works offline (see tools/vendor_assets.py).
+node_modules/.installed: package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
+
+book: $(VENV)/.installed node_modules/.installed
+	$(BIN)/python tools/vendor_assets.py
 	$(BIN)/jupyter-book build $(JB_FLAGS) .
 
-test: $(VENV)/.installed
-	$(BIN)/python -m pytest
+test: book
+	@test -x $(CHROMIUM) || { echo "The browser tests need Chromium at $(CHROMIUM): apt-get install chromium (or set CHROMIUM=...)"; exit 1; }
+	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest
 
 notebooks: $(VENV)/.installed
 	$(BIN)/python tools/run_notebooks.py
 
 benchmark: $(VENV)/.installed
 	$(BIN)/python benchmarks/suite_time.py
+	$(BIN)/python benchmarks/explorer_latency.py
+	$(BIN)/python benchmarks/frozen_features_speed.py
 
 clean:
 	rm -rf _build

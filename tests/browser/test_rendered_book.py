@@ -1,0 +1,188 @@
+"""The rendered book, checked the way a reader meets it: in a browser, with no network.
+
+Needs the built book (`make book`) and Debian's Chromium (`/usr/bin/chromium`, or set
+CHROMIUM). Playwright drives that browser; its own browser download is never used.
+Every request that does not stay inside _build/html is blocked and makes the test fail.
+A screenshot of each chapter is saved under _build/screenshots/ for people to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import sync_playwright
+
+ROOT = Path(__file__).resolve().parents[2]
+HTML = ROOT / "_build" / "html"
+SHOTS = ROOT / "_build" / "screenshots"
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+CHAPTERS = [
+    "notebooks/01_naive_lora.html",
+    "notebooks/02_scaled_zero_init.html",
+    "notebooks/03_pretrain_finetune_merge.html",
+    "notebooks/04_parameter_efficiency.html",
+]
+PAGES = ["book/intro.html", *CHAPTERS, "book/api.html", "book/bibliography.html"]
+LOCAL = re.compile(r"^(file|data|blob|about):")
+
+
+@pytest.fixture(scope="session")
+def browser():
+    if not (HTML / "index.html").exists():
+        pytest.fail("the book is not built: run `make book` first")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM}: install Debian's `chromium` (apt-get install chromium) or set CHROMIUM")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"],
+        )
+        yield browser
+        browser.close()
+
+
+class Reader:
+    """One page as a reader opens it, with everything that went wrong on the way."""
+
+    def __init__(self, browser, rel: str) -> None:
+        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.page = self.context.new_page()
+        self.problems: list[str] = []
+        self.page.route(re.compile(r"^(?!file:|data:|blob:|about:).*"), self._block)
+        self.page.on("pageerror", lambda err: self.problems.append(f"script error: {err}"))
+        self.page.on("requestfailed", lambda req: self.problems.append(f"failed to load {req.url}"))
+        self.page.goto((HTML / rel).as_uri(), wait_until="load")
+        self.page.wait_for_load_state("networkidle")
+
+    def _block(self, route):
+        self.problems.append(f"network request {route.request.url}")
+        route.abort()
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture(scope="session")
+def loaded(browser):
+    """Each page opened once and shared by the tests that only read it (or put it back as they found it)."""
+    readers: dict[str, Reader] = {}
+
+    def _get(rel):
+        if rel not in readers:
+            readers[rel] = Reader(browser, rel)
+        return readers[rel]
+
+    yield _get
+    for reader in readers.values():
+        reader.close()
+
+
+@pytest.mark.parametrize("rel", PAGES)
+def test_page_loads_offline_without_errors(loaded, rel):
+    reader = loaded(rel)
+    page = reader.page
+    # Let late scripts (MathJax, the widget manager) finish, then look.
+    page.wait_for_timeout(500)
+    assert reader.problems == []
+    text = page.inner_text("article")
+    assert "Traceback (most recent call last)" not in text
+    assert page.locator(".output.error, .output.traceback, .output.stderr, .system-message, .problematic").count() == 0
+    assert page.locator("h1").count() >= 1
+
+
+@pytest.mark.parametrize("rel", PAGES)
+def test_every_image_loads(loaded, rel):
+    page = loaded(rel).page
+    sizes = page.evaluate(
+        """async () => {
+            const images = Array.from(document.querySelectorAll('article img'));
+            for (const img of images) { img.scrollIntoView(); img.loading = 'eager'; }
+            await Promise.all(images.map(img => img.decode().catch(() => null)));
+            return images.filter(img => img.offsetParent !== null).map(img => [img.src.slice(0, 80), img.naturalWidth]);
+        }"""
+    )
+    broken = [src for src, width in sizes if width == 0]
+    assert broken == []
+    if rel in CHAPTERS:
+        assert len(sizes) >= 1, "every chapter has at least one figure"
+
+
+@pytest.mark.parametrize("rel", ["book/intro.html", *CHAPTERS])
+def test_math_is_rendered(loaded, rel):
+    page = loaded(rel).page
+    page.wait_for_function("() => document.querySelectorAll('mjx-container').length > 0", timeout=20_000)
+    assert page.locator("mjx-merror, .MathJax_Error").count() == 0
+    # No TeX source left unrendered in the text a reader sees.
+    visible = page.inner_text("article")
+    assert "\\frac" not in visible and "$$" not in visible
+
+
+@pytest.mark.parametrize("rel", CHAPTERS)
+def test_solutions_fold_and_unfold(loaded, rel):
+    page = loaded(rel).page
+    solutions = page.locator(".solution.dropdown")
+    assert solutions.count() >= 2
+    first = solutions.first
+    body = first.locator(".admonition-title ~ *").first
+    first.scroll_into_view_if_needed()
+    assert not body.is_visible(), "a solution starts folded"
+    first.locator(".toggle-button, button").first.click()
+    body.wait_for(state="visible", timeout=5_000)
+    first.locator(".toggle-button, button").first.click()
+    body.wait_for(state="hidden", timeout=5_000)
+
+
+VISIBLE_FIGURE = """() => Array.from(document.querySelectorAll('.widget-vbox img'))
+    .filter(img => img.offsetParent !== null && img.naturalWidth > 0).map(img => img.src).join(' ')"""
+
+
+def shown_after(page, previous: str) -> str:
+    """Wait until the explorer shows a figure other than ``previous``; return it."""
+    page.wait_for_function(f"(prev) => ({VISIBLE_FIGURE})() !== prev", arg=previous, timeout=5_000)
+    return page.evaluate(VISIBLE_FIGURE)
+
+
+def test_static_sliders_change_the_figure(browser):
+    reader = Reader(browser, "notebooks/04_parameter_efficiency.html")  # a fresh page: this test moves things
+    page = reader.page
+    box = page.locator(".widget-vbox").first
+    box.wait_for(state="visible", timeout=20_000)
+    box.scroll_into_view_if_needed()
+    handles = box.locator(".noUi-handle")
+    assert handles.count() == 2, "a rank slider and an alpha slider"
+    assert box.locator(".widget-toggle-buttons button").count() == 2, "the scaling toggle"
+    readouts = box.locator(".widget-readout").all_inner_texts()
+    assert readouts == ["8", "16"], "starts at the source's rank 8 and alpha 16"
+    page.wait_for_function(f"() => ({VISIBLE_FIGURE})().startsWith('blob:')", timeout=10_000)
+    seen = [page.evaluate(VISIBLE_FIGURE)]
+    assert seen[0].count("blob:") == 1, "exactly one figure is shown"
+
+    handles.nth(0).focus()  # rank 8 -> 4
+    page.keyboard.press("ArrowLeft")
+    seen.append(shown_after(page, seen[-1]))
+    assert box.locator(".widget-readout").all_inner_texts() == ["4", "16"]
+
+    handles.nth(1).focus()  # alpha 16 -> 64
+    page.keyboard.press("ArrowRight")
+    seen.append(shown_after(page, seen[-1]))
+    assert box.locator(".widget-readout").all_inner_texts() == ["4", "64"]
+
+    box.locator(".widget-toggle-buttons button").nth(1).click()  # alpha / sqrt(r)
+    seen.append(shown_after(page, seen[-1]))
+    assert len(set(seen)) == 4 and all(s.count("blob:") == 1 for s in seen)
+    assert reader.problems == []
+    reader.close()
+
+
+@pytest.mark.parametrize("rel", CHAPTERS)
+def test_screenshot(loaded, rel):
+    page = loaded(rel).page
+    page.evaluate("window.scrollTo(0, 0)")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / (Path(rel).stem + ".png")
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
