@@ -6,18 +6,29 @@ One concept per module, all re-exported here:
 * :mod:`~lora_tutorial.models`: :class:`TinyAdapter`.
 * :mod:`~lora_tutorial.data`: the toy data sets.
 * :mod:`~lora_tutorial.params`: counting and freezing parameters.
-* :mod:`~lora_tutorial.pretraining`: chapter 3's pretraining and its shipped checkpoint.
 * :mod:`~lora_tutorial.training`: full-batch :func:`train` and :func:`evaluate`.
+* :mod:`~lora_tutorial.pretraining`: chapter 3's pretraining and its shipped checkpoint.
 * :mod:`~lora_tutorial.frozen_features`: best low-rank updates and fast training on frozen features.
 * :mod:`~lora_tutorial.efficiency`: counting parameters, bytes and memory, up to GPT-3.
 * :mod:`~lora_tutorial.explorer`: the rank/alpha explorer (live and static).
+* :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model.
+* :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
 * :mod:`~lora_tutorial.device`: :func:`default_device`.
-* :mod:`~lora_tutorial.book`: plot style and source display for the notebooks.
+* :mod:`~lora_tutorial.book`: plot style, glue and source display for the notebooks.
 """
 
+from .adapter_io import AdapterFormatError, load_adapter, save_adapter
 from .analysis import relative_update_norm, singular_values
 from .book import glue, source_code, use_book_style
+from .data import (
+    AdaptationTask,
+    create_toy_dataset,
+    forward_with_mats,
+    make_adaptation_task,
+    make_task_matrices,
+    synth_data,
+)
 from .device import default_device
 from .efficiency import (
     GPT3_175B,
@@ -32,19 +43,12 @@ from .efficiency import (
     optimizer_state_bytes,
 )
 from .explorer import RankAlphaLab, rank_alpha_explorer, static_rank_alpha_explorer
-from .data import (
-    AdaptationTask,
-    create_toy_dataset,
-    forward_with_mats,
-    make_adaptation_task,
-    make_task_matrices,
-    synth_data,
-)
 from .frozen_features import FeatureStats, LowRankFit, best_low_rank_update, fit_lora_on_stats
+from .inject import add_lora, lora_layers, unload_lora
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
 from .models import TinyAdapter
-from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
+from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
 from .training import OPTIMIZERS, evaluate, isolated_rng, train
 
 __version__ = "0.1.0"
@@ -53,6 +57,8 @@ __all__ = [
     "adam_training_bytes",
     "AdaptationTask",
     "adapter_parameter_count",
+    "AdapterFormatError",
+    "add_lora",
     "best_low_rank_update",
     "BIAS_MODES",
     "break_even_rank",
@@ -70,6 +76,8 @@ __all__ = [
     "GPT3_175B",
     "INIT_MODES",
     "isolated_rng",
+    "load_adapter",
+    "lora_layers",
     "lora_parameter_count",
     "LoRALayer",
     "LoRALinear",
@@ -86,6 +94,7 @@ __all__ = [
     "rank_alpha_explorer",
     "RankAlphaLab",
     "relative_update_norm",
+    "save_adapter",
     "singular_values",
     "source_code",
     "source_setup",
@@ -94,5 +103,6 @@ __all__ = [
     "TinyAdapter",
     "train",
     "TransformerShape",
+    "unload_lora",
     "use_book_style",
 ]

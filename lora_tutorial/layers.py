@@ -268,7 +268,8 @@ class LoRALinear(nn.Module):
             return self.base(x)  # base.weight already holds W0 + s*B@A
         out = self.base(x)  # W0 x + b
         if self._adapter_enabled:
-            out = out + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+            update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # B A dropout(x)
+            out = torch.add(out, update, alpha=self.scaling)  # one fused pass: out + s * update
         return out
 
     def _refuse_training_while_merged(self) -> None:
