@@ -5,7 +5,7 @@
 #
 # Other targets:
 #   make notebooks   re-execute every chapter top to bottom and store its outputs
-#   make benchmark   print the timing figures (suite, explorer latency, frozen features)
+#   make benchmark   measure speed and rewrite benchmarks/results/*.md (shown in the book's appendix)
 #   make clean       remove build products
 #
 # VENV selects the virtual environment (CI passes a fresh one); JB_FLAGS the book's build flags.
@@ -40,9 +40,10 @@ notebooks: $(VENV)/.installed
 	$(BIN)/python tools/run_notebooks.py
 
 benchmark: $(VENV)/.installed
-	$(BIN)/python benchmarks/suite_time.py
-	$(BIN)/python benchmarks/explorer_latency.py
-	$(BIN)/python benchmarks/frozen_features_speed.py
+	$(BIN)/python benchmarks/lora_vs_peft.py --markdown benchmarks/results/lora_vs_peft.md
+	$(BIN)/python benchmarks/explorer_latency.py --markdown benchmarks/results/explorer_latency.md
+	$(BIN)/python benchmarks/frozen_features_speed.py --markdown benchmarks/results/frozen_features_speed.md
+	$(BIN)/python benchmarks/suite_time.py --markdown benchmarks/results/suite_time.md
 
 clean:
 	rm -rf _build
