@@ -21,7 +21,6 @@ model only if all of them fit; otherwise it raises an error naming the key.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +70,8 @@ def _config_for(layers: list[tuple[str, LoRALinear]], bias: str) -> dict[str, An
                 f"{first_name!r} has (r, alpha, rslora, dropout) = {(first.r, first.alpha, first.rslora, _dropout_p(first))} "
                 f"and {name!r} has {settings}"
             )
+    # PEFT's names for the initialisations; PEFT has no N(0, init_scale²) draw, and once trained the
+    # adapter's values no longer depend on how it started, so "normal" is written as PEFT's default.
     init = {"kaiming": True, "gaussian": "gaussian"}.get(first.init, True)
     return {
         "peft_type": "LORA",
@@ -267,8 +268,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         for key, target in expected.items():
             target.copy_(loaded[key].to(dtype=target.dtype, device=target.device))
     for _, layer in layers:
-        layer.alpha, layer.rslora = alpha, rslora
-        layer.scaling = alpha / math.sqrt(layer.r) if rslora else alpha / layer.r
+        layer.alpha, layer.rslora = alpha, rslora  # the scaling follows from them
         if p != _dropout_p(layer):
             layer.dropout = (nn.Dropout(p) if p > 0 else nn.Identity()).train(layer.training)
     return model

@@ -301,10 +301,10 @@ class RankAlphaExplorer:
         """Retrain (or fetch from the cache) and redraw; returns the seconds it took."""
         start = time.perf_counter()
         key = (int(rank), float(alpha), bool(rslora))
-        if key not in self._png:
-            self._png[key] = self.drawing.png(self.lab.run(*key))
-        self.image.value = self._png[key]
         result = self.lab.run(*key)
+        if key not in self._png:
+            self._png[key] = self.drawing.png(result)
+        self.image.value = self._png[key]
         self.status.value = (
             f"final training loss <b>{result.final_loss:.3f}</b>; the best any rank-{result.rank} update "
             f"can reach is <b>{result.best_loss:.3f}</b>"

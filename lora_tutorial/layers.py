@@ -226,7 +226,6 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.r, self.alpha, self.init, self.init_scale = r, alpha, init, init_scale
         self.rslora = bool(rslora)
-        self.scaling = alpha / math.sqrt(r) if self.rslora else alpha / r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
@@ -236,6 +235,11 @@ class LoRALinear(nn.Module):
         self.reset_lora_parameters(generator=generator)
 
     # ------------------------------------------------------------------ maths
+    @property
+    def scaling(self) -> float:
+        """The factor ``s`` multiplying ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
     @torch.no_grad()
     def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
         """Draw ``lora_A`` afresh (by ``self.init``) and set ``lora_B`` to zero."""

@@ -96,7 +96,6 @@ def test_peft_layer_computes_the_same_outputs_and_merged_weights(setup, rslora):
     x, model = setup
     ours = copy.deepcopy(model)
     ours.head.rslora = rslora
-    ours.head.scaling = ours.head.alpha / (ours.head.r ** 0.5 if rslora else ours.head.r)
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules=["head"], use_rslora=rslora)
     theirs = get_peft_model(plain_copy(model), cfg).eval()
     layer = theirs.base_model.model.head
