@@ -142,8 +142,15 @@ VISIBLE_FIGURE = """() => Array.from(document.querySelectorAll('.widget-vbox img
 
 
 def shown_after(page, previous: str) -> str:
-    """Wait until the explorer shows a figure other than ``previous``; return it."""
-    page.wait_for_function(f"(prev) => ({VISIBLE_FIGURE})() !== prev", arg=previous, timeout=5_000)
+    """Wait until the explorer shows one loaded figure other than ``previous``; return it."""
+    page.wait_for_function(
+        f"""(prev) => {{
+            const shown = ({VISIBLE_FIGURE})();
+            return shown !== prev && shown.startsWith('blob:') && !shown.includes(' ');
+        }}""",
+        arg=previous,
+        timeout=10_000,
+    )
     return page.evaluate(VISIBLE_FIGURE)
 
 
