@@ -8,8 +8,11 @@ A screenshot of each chapter is saved under _build/screenshots/ for people to lo
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -26,7 +29,10 @@ CHAPTERS = [
     "notebooks/04_parameter_efficiency.html",
     "notebooks/05_from_scratch_to_peft.html",
 ]
-PAGES = ["book/intro.html", *CHAPTERS, "book/api.html", "book/benchmarks.html", "book/bibliography.html"]
+PAGES = ["book/intro.html", *CHAPTERS, "book/api.html", "book/benchmarks.html", "book/bibliography.html",
+         "genindex.html", "py-modindex.html"]
+# Pages checked on their own: the root redirect, and the search page (no <article>; it needs a query).
+SPECIAL = ["index.html", "search.html"]
 LOCAL = re.compile(r"^(file|data|blob|about):")
 
 
@@ -80,6 +86,51 @@ def loaded(browser):
     yield _get
     for reader in readers.values():
         reader.close()
+
+
+def test_every_built_page_is_checked():
+    if not (HTML / "index.html").exists():
+        pytest.fail("the book is not built: run `make book` first")
+    built = {
+        p.relative_to(HTML).as_posix()
+        for p in HTML.rglob("*.html")
+        if not p.relative_to(HTML).parts[0].startswith("_") and p.relative_to(HTML).parts[0] != "vendor"
+    }
+    assert built == set(PAGES) | set(SPECIAL)
+
+
+def test_root_redirects_to_the_introduction(loaded):
+    reader = loaded("index.html")
+    reader.page.wait_for_url("**/book/intro.html", timeout=10_000)
+    assert reader.page.locator("h1").first.inner_text().startswith("LoRA from Scratch")
+    assert reader.problems == []
+
+
+def test_search_works_offline(browser):
+    # Served from a local HTTP server, as a published book is: Sphinx's search fetches each
+    # hit's page for a summary, which browsers refuse on file:// pages.
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(HTML))
+    handler.log_message = lambda *args: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        context = browser.new_context()
+        page = context.new_page()
+        problems: list[str] = []
+        page.route(re.compile(r"^(?!http://127\.0\.0\.1:|data:|blob:|about:).*"),
+                   lambda route: (problems.append(f"network request {route.request.url}"), route.abort()))
+        page.on("pageerror", lambda err: problems.append(f"script error: {err}"))
+        page.on("requestfailed", lambda req: problems.append(f"failed to load {req.url}"))
+        page.goto(f"{base}/search.html?q=merge_weights_")
+        page.wait_for_selector("#search-results li", timeout=15_000)
+        hits = page.locator("#search-results li")
+        assert hits.count() >= 1
+        assert "02_scaled_zero_init" in " ".join(hits.locator("a").evaluate_all("els => els.map(e => e.href)"))
+        page.wait_for_load_state("networkidle")
+        context.close()
+        server.shutdown()
+    assert problems == []
 
 
 @pytest.mark.parametrize("rel", PAGES)
