@@ -45,7 +45,7 @@ _DESCRIPTIVE = {
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "megatron_core",
     "qalora_group_size", "ensure_weight_tying",
 }
-# Settings this library honours, with what it does with them.
+# Settings this library honours (see load_adapter).
 _HONOURED = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias", "init_lora_weights"}
 # Initialisations that leave the base weights alone, so an adapter trained from them can be
 # loaded onto the untouched base model (PiSSA, OLoRA, CorDA, LoftQ... rewrite the base).
@@ -60,15 +60,18 @@ def _is_default(value: Any) -> bool:
     return value is None or value is False or value == {} or value == [] or value == ""
 
 
+def _settings(layer: LoRALinear) -> tuple[int, float, bool, float]:
+    return layer.r, layer.alpha, layer.rslora, _dropout_p(layer)
+
+
 def _config_for(layers: list[tuple[str, LoRALinear]], bias: str) -> dict[str, Any]:
     first_name, first = layers[0]
     for name, layer in layers[1:]:
-        settings = (layer.r, layer.alpha, layer.rslora, _dropout_p(layer))
-        if settings != (first.r, first.alpha, first.rslora, _dropout_p(first)):
+        if _settings(layer) != _settings(first):
             raise ValueError(
                 "save_adapter writes one config for all layers, but "
-                f"{first_name!r} has (r, alpha, rslora, dropout) = {(first.r, first.alpha, first.rslora, _dropout_p(first))} "
-                f"and {name!r} has {settings}"
+                f"{first_name!r} has (r, alpha, rslora, dropout) = {_settings(first)} "
+                f"and {name!r} has {_settings(layer)}"
             )
     # PEFT's names for the initialisations; PEFT has no N(0, init_scale²) draw, and once trained the
     # adapter's values no longer depend on how it started, so "normal" is written as PEFT's default.
