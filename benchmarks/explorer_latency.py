@@ -17,7 +17,8 @@ import time
 
 import _report
 import lora_tutorial as lt
-from lora_tutorial.explorer import ALPHA_RANGE
+from lora_tutorial import book
+from lora_tutorial.book.explorer import ALPHA_RANGE
 
 RANKS = [1, 2, 3, 4, 6, 8, 12, 16]
 ALPHAS = [ALPHA_RANGE[0], 1.0, 4.0, 16.0, 64.0, ALPHA_RANGE[1]]
@@ -28,7 +29,7 @@ def main() -> None:
     parser.add_argument("--markdown", help="also write the results as a Markdown table to this file")
     args = parser.parse_args()
     start = time.perf_counter()
-    explorer = lt.rank_alpha_explorer()
+    explorer = book.rank_alpha_explorer()
     ready = 1e3 * (time.perf_counter() - start)
     print(f"explorer ready in {ready:.0f} ms (loads the checkpoint, draws the first figure)")
     sweep = [(r, a, rs) for rs in (False, True) for r in RANKS for a in ALPHAS]

@@ -10,17 +10,17 @@ One concept per module, all re-exported here:
 * :mod:`~lora_tutorial.pretraining`: chapter 3's pretraining and its shipped checkpoint.
 * :mod:`~lora_tutorial.frozen_features`: best low-rank updates and fast training on frozen features.
 * :mod:`~lora_tutorial.efficiency`: counting parameters, bytes and memory, up to GPT-3.
-* :mod:`~lora_tutorial.explorer`: the rank/alpha explorer (live and static).
 * :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model.
 * :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
 * :mod:`~lora_tutorial.device`: :func:`default_device`.
-* :mod:`~lora_tutorial.book`: plot style, glue and source display for the notebooks.
+
+The book's own machinery (plot style, glue, the rank/alpha explorer) lives in
+:mod:`lora_tutorial.book`, which this package does not import.
 """
 
 from .adapter_io import AdapterFormatError, load_adapter, save_adapter
 from .analysis import relative_update_norm, singular_values
-from .book import glue, source_code, use_book_style
 from .data import (
     AdaptationTask,
     create_toy_dataset,
@@ -42,7 +42,6 @@ from .efficiency import (
     lora_parameter_count,
     optimizer_state_bytes,
 )
-from .explorer import RankAlphaLab, rank_alpha_explorer, static_rank_alpha_explorer
 from .frozen_features import FeatureStats, LowRankFit, best_low_rank_update, fit_lora_on_stats
 from .inject import add_lora, lora_layers, unload_lora
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
@@ -72,7 +71,6 @@ __all__ = [
     "format_bytes",
     "forward_with_mats",
     "full_parameter_count",
-    "glue",
     "GPT3_175B",
     "INIT_MODES",
     "isolated_rng",
@@ -91,18 +89,13 @@ __all__ = [
     "ParamCount",
     "pretrain",
     "pretrained_tiny_adapter",
-    "rank_alpha_explorer",
-    "RankAlphaLab",
     "relative_update_norm",
     "save_adapter",
     "singular_values",
-    "source_code",
     "source_setup",
-    "static_rank_alpha_explorer",
     "synth_data",
     "TinyAdapter",
     "train",
     "TransformerShape",
     "unload_lora",
-    "use_book_style",
 ]

@@ -1,7 +1,7 @@
 """The live rank/alpha explorer in a real JupyterLab, driven through Chromium.
 
 Starts `jupyter lab` on a free local port (no token, in a temporary directory),
-opens a notebook that shows `lt.rank_alpha_explorer()`, runs it, moves the rank
+opens a notebook that shows `book.rank_alpha_explorer()`, runs it, moves the rank
 slider with the keyboard, and checks that the kernel retrained and the figure changed.
 """
 
@@ -23,7 +23,7 @@ from playwright.sync_api import sync_playwright
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 NOTEBOOK = {
     "cells": [{"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": [],
-               "source": "import lora_tutorial as lt\nexplorer = lt.rank_alpha_explorer()\nexplorer"}],
+               "source": "from lora_tutorial import book\nexplorer = book.rank_alpha_explorer()\nexplorer"}],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
     "nbformat": 4, "nbformat_minor": 5,
 }

@@ -27,7 +27,7 @@ CHAPTERS = [
     "notebooks/02_scaled_zero_init.html",
     "notebooks/03_pretrain_finetune_merge.html",
     "notebooks/04_parameter_efficiency.html",
-    "notebooks/05_from_scratch_to_peft.html",
+    "notebooks/06_from_scratch_to_peft.html",
 ]
 PAGES = ["book/intro.html", *CHAPTERS, "book/api.html", "book/benchmarks.html", "book/bibliography.html",
          "genindex.html", "py-modindex.html"]

@@ -5,6 +5,7 @@ from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 
 import lora_tutorial as lt
+from lora_tutorial import book
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def test_glue_writes_what_myst_nb_glue_writes(shell, value):
     from myst_nb import glue as myst_glue
 
     with capture_output() as ours:
-        lt.glue("key", value)
+        book.glue("key", value)
     with capture_output() as theirs:
         myst_glue("key", value, display=False)
     assert [(o.data, o.metadata) for o in ours.outputs] == [(o.data, o.metadata) for o in theirs.outputs]
@@ -25,7 +26,7 @@ def test_glue_writes_what_myst_nb_glue_writes(shell, value):
 
 
 def test_source_code_drops_docstrings_and_keeps_code():
-    source = lt.source_code(lt.LoRALinear.merge_weights_)
+    source = book.source_code(lt.LoRALinear.merge_weights_)
     assert source.startswith("@torch.no_grad()\ndef merge_weights_(self) -> None:\n")
     assert '"""' not in source and "self.base.weight += delta" in source
-    assert '"""' not in lt.source_code(lt.LoRALayer)
+    assert '"""' not in book.source_code(lt.LoRALayer)

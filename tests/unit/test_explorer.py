@@ -13,12 +13,13 @@ import pytest
 from PIL import Image
 
 import lora_tutorial as lt
-from lora_tutorial.explorer import ALPHA_RANGE, ExplorerFigure, RankAlphaExplorer
+from lora_tutorial import book
+from lora_tutorial.book.explorer import ALPHA_RANGE, ExplorerFigure, RankAlphaExplorer
 
 
 @pytest.fixture(scope="module")
 def lab():
-    return lt.RankAlphaLab.from_checkpoint()
+    return book.RankAlphaLab.from_checkpoint()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def test_figure_changes_with_the_result(lab, figure):
 
 
 def test_live_explorer_retrains_on_slider_moves_and_caches(lab):
-    explorer = lt.rank_alpha_explorer(lab, rank=8, alpha=16.0)
+    explorer = book.rank_alpha_explorer(lab, rank=8, alpha=16.0)
     assert isinstance(explorer, RankAlphaExplorer)
     start = explorer.image.value
     assert png_size(start) == (800, 272)
@@ -88,7 +89,7 @@ def test_live_explorer_retrains_on_slider_moves_and_caches(lab):
 
 def test_static_explorer_links_every_control_to_its_stacks(lab, figure):
     ranks, alphas = [2, 8], [1.0, 16.0, 256.0]
-    box = lt.static_rank_alpha_explorer(lab, ranks=ranks, alphas=alphas)
+    box = book.static_rank_alpha_explorer(lab, ranks=ranks, alphas=alphas)
     (rank_slider, alpha_slider), scaling, figures = box.children[0].children, box.children[1], box.children[2]
     assert rank_slider.value == 8 and alpha_slider.value == 16.0
     assert isinstance(figures, w.Stack) and len(figures.children) == 2  # alpha/r, alpha/sqrt(r)

@@ -31,11 +31,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 from PIL import Image as PILImage
 
-from ._checks import check_positive_finite, check_positive_int
-from .analysis import singular_values
-from .frozen_features import FeatureStats, best_low_rank_update, fit_lora_on_stats
-from .layers import LoRALinear
-from .pretraining import pretrained_tiny_adapter
+from .._checks import check_positive_finite, check_positive_int
+from ..analysis import singular_values
+from ..frozen_features import FeatureStats, best_low_rank_update, fit_lora_on_stats
+from ..layers import LoRALinear
+from ..pretraining import pretrained_tiny_adapter
 
 __all__ = [
     "ALPHA_RANGE",
