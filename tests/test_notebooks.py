@@ -121,3 +121,51 @@ def test_chapter_4_stores_the_static_widgets():
     assert models.count("LinkModel") >= 1 + 2 + 2 * 5
     assert models.count("StackModel") >= 1 + 2 + 2 * 5
     assert models.count("ImageModel") >= 2 * 5 * 6
+
+
+# The rendered book is read at about 80 characters a line: wider code or printed
+# output scrolls sideways (tests/browser checks the rendered pages themselves).
+MAX_WIDTH = 80
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_code_and_printed_output_fit_the_page(path):
+    too_wide = []
+    for i, cell in enumerate(code_cells(load(path))):
+        lines = "".join(cell["source"]).splitlines()
+        for out in cell["outputs"]:
+            if out["output_type"] == "stream":
+                lines += "".join(out["text"]).splitlines()
+            elif "text/plain" in out.get("data", {}) and "text/html" not in out["data"] \
+                    and not any(k.startswith("image/") for k in out["data"]):
+                lines += "".join(out["data"]["text/plain"]).splitlines()
+        too_wide += [f"code cell {i}: {line[:60]}…" for line in lines if len(line) > MAX_WIDTH]
+    assert not too_wide, f"{len(too_wide)} line(s) over {MAX_WIDTH} characters:\n" + "\n".join(too_wide[:10])
+
+
+GUARD = re.compile(r"^\s*assert\b", re.M)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_every_chapter_guards_its_claims(path):
+    # Every comparison in the prose is backed by an assert in a code cell, so strict
+    # nbval fails the day a claim stops being true. A chapter with comparative prose
+    # and no guards is the failure this catches.
+    guards = sum(len(GUARD.findall("".join(c["source"]))) for c in code_cells(load(path)))
+    assert guards >= 5, f"only {guards} guard assert(s)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_cells_hidden_in_the_book_are_collapsed_in_jupyterlab(path):
+    # Glue calls and guards are bookkeeping: hidden in the rendered book (remove-cell)
+    # and folded in JupyterLab (tools/run_notebooks.py sets the metadata).
+    for i, cell in enumerate(code_cells(load(path))):
+        if "remove-cell" in cell["metadata"].get("tags", []):
+            assert cell["metadata"].get("jupyter") == {"source_hidden": True, "outputs_hidden": True}, i
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_glue_calls_live_in_hidden_cells(path):
+    for i, cell in enumerate(code_cells(load(path))):
+        if "book.glue(" in "".join(cell["source"]):
+            assert "remove-cell" in cell["metadata"].get("tags", []), f"code cell {i} glues in view"

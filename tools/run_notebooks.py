@@ -23,9 +23,23 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def collapse_hidden_cells(nb: nbformat.NotebookNode) -> None:
+    """Collapse, in JupyterLab too, the cells the rendered book hides.
+
+    Cells tagged ``remove-cell`` (glue calls and guard assertions) are left out
+    of the rendered pages by Jupyter Book; this metadata folds their source and
+    outputs in JupyterLab and Notebook 7 as well, so a reader running the chapter
+    sees the same story.
+    """
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "remove-cell" in cell.metadata.get("tags", []):
+            cell.metadata["jupyter"] = {"source_hidden": True, "outputs_hidden": True}
+
+
 def run(path: Path, timeout: int = 600) -> float:
     """Execute one notebook in place; return the seconds it took."""
     nb = nbformat.read(path, as_version=4)
+    collapse_hidden_cells(nb)
     client = NotebookClient(
         nb,
         timeout=timeout,
