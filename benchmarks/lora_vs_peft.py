@@ -43,8 +43,8 @@ R, BATCH = 8, 256
 def contenders(d_in: int, d_out: int) -> dict[str, nn.Module]:
     """The four layers, with identical base weights and adapters."""
     g = torch.Generator().manual_seed(0)
-    linear = lt.make_linear(d_in, d_out, generator=g)
-    ours = lt.LoRALinear.from_linear(copy.deepcopy(linear), r=R, alpha=16.0, dropout=0.0, init="kaiming", generator=g)
+    linear = lt.make_linear(d_in, d_out, seed=g)
+    ours = lt.LoRALinear.from_linear(copy.deepcopy(linear), r=R, alpha=16.0, dropout=0.0, init="kaiming", seed=g)
     with torch.no_grad():
         ours.lora_B.normal_(std=0.01, generator=g)
     merged = copy.deepcopy(ours)

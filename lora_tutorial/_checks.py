@@ -16,6 +16,7 @@ import torch
 
 __all__ = [
     "as_generator",
+    "check_bool",
     "check_choice",
     "check_last_dim",
     "check_non_negative",
@@ -23,6 +24,13 @@ __all__ = [
     "check_positive_int",
     "check_probability",
 ]
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return ``value`` if it is a ``bool`` (so ``"no"`` is not read as true)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -96,6 +104,8 @@ def as_generator(seed: int | torch.Generator, name: str = "seed") -> torch.Gener
         if seed.device.type != "cpu":
             raise ValueError(f"{name} must be a CPU torch.Generator, got one on {seed.device}")
         return seed
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int or a torch.Generator, got {seed!r}")
+    if seed < 0:
         raise ValueError(f"{name} must be a non-negative int or a torch.Generator, got {seed!r}")
     return torch.Generator().manual_seed(int(seed))

@@ -166,8 +166,13 @@ def make_adaptation_task(
 
     This is the source's data flow in one call: ``make_task_matrices``, then
     ``synth_data(n_train)`` and ``synth_data(n_val)``, with the targets of both
-    tasks computed by :func:`forward_with_mats`.
+    tasks computed by :func:`forward_with_mats`. Every argument is checked
+    before anything is drawn from ``seed``.
     """
+    for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out),
+                        ("n_train", n_train), ("n_val", n_val)):
+        check_positive_int(name, value)
+    check_non_negative("shift", shift)
     gen = as_generator(seed)
     mats = make_task_matrices(d_in, d_hidden, d_out, shift=shift, seed=gen, device=device)
     x_train = synth_data(n_train, d_in, seed=gen, device=device)

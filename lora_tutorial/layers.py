@@ -3,8 +3,8 @@
 * :class:`LoRALayer` is chapter 1's deliberately naive rank-4 layer: both factors
   random, no scaling, bias left trainable. It is kept exactly that way so the
   chapter can measure what goes wrong.
-* :class:`LoRALinear` is the layer the rest of the book uses: a frozen
-  ``nn.Linear`` plus the trainable low-rank update of Hu et al. (2021),
+* :class:`LoRALinear` is the layer the rest of the book uses: a frozen linear
+  layer plus the trainable low-rank update of Hu et al. (2021),
 
   .. math:: h = W_0 x + b + \\frac{\\alpha}{r} B A\\, \\mathrm{dropout}(x),
 
@@ -19,13 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator
+import sys
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._checks import (
+    as_generator,
+    check_bool,
     check_choice,
     check_last_dim,
     check_positive_finite,
@@ -35,7 +38,7 @@ from ._checks import (
 
 __all__ = ["INIT_MODES", "LoRALayer", "LoRALinear", "make_linear"]
 
-#: The ways :class:`LoRALinear` can initialise ``lora_A`` (``lora_B`` always starts at zero).
+#: How :class:`LoRALinear` can start ``lora_A`` (``lora_B`` starts at zero).
 INIT_MODES = ("normal", "kaiming", "gaussian")
 
 
@@ -43,16 +46,15 @@ def make_linear(
     in_features: int,
     out_features: int,
     bias: bool = True,
-    generator: torch.Generator | None = None,
+    *,
+    seed: int | torch.Generator = 0,
 ) -> nn.Linear:
-    """An ``nn.Linear`` with PyTorch's default initialisation, drawn from ``generator``.
+    """An ``nn.Linear`` with PyTorch's default initialisation, drawn from ``seed``.
 
-    With ``generator=None`` this is plain ``nn.Linear(in_features, out_features, bias)``
-    (which draws from PyTorch's global RNG, as every ``nn.Module`` does). With a
-    generator, the same distributions (Kaiming-uniform weight, uniform bias) are
-    drawn from it in the same order, so a generator seeded with ``s`` gives the
-    very weights ``torch.manual_seed(s); nn.Linear(...)`` would, without touching
-    the global RNG.
+    The same distributions as ``nn.Linear`` (Kaiming-uniform weight, uniform
+    bias) in the same order, so ``seed=s`` gives the very weights
+    ``torch.manual_seed(s); nn.Linear(...)`` would, without touching the
+    global RNG. ``seed`` is an ``int`` or a ``torch.Generator`` (drawn from).
 
     Returns:
         A layer with ``weight`` of shape ``(out_features, in_features)`` and
@@ -60,14 +62,14 @@ def make_linear(
     """
     in_features = check_positive_int("in_features", in_features)
     out_features = check_positive_int("out_features", out_features)
-    if generator is None:
-        return nn.Linear(in_features, out_features, bias=bias)
+    bias = check_bool("bias", bias)
+    gen = as_generator(seed)
     linear = nn.utils.skip_init(nn.Linear, in_features, out_features, bias=bias)
     with torch.no_grad():
-        nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=generator)
+        nn.init.kaiming_uniform_(linear.weight, a=math.sqrt(5), generator=gen)
         if linear.bias is not None:
             bound = 1.0 / math.sqrt(in_features)
-            nn.init.uniform_(linear.bias, -bound, bound, generator=generator)
+            nn.init.uniform_(linear.bias, -bound, bound, generator=gen)
     return linear
 
 
@@ -87,8 +89,8 @@ class LoRALayer(nn.Module):
         rank: inner dimension of the update ``lora_A @ lora_B``.
         freeze_bias: also freeze the base layer's bias (the fix for the
             forgotten bias; off by default to match the source).
-        generator: draw every initial value from this generator instead of
-            PyTorch's global RNG.
+        seed: an ``int`` or a ``torch.Generator`` every initial value is
+            drawn from (the base layer first, then ``lora_A``, ``lora_B``).
 
     Shapes:
         input ``(..., in_features)`` → output ``(..., out_features)``.
@@ -101,18 +103,21 @@ class LoRALayer(nn.Module):
         rank: int = 4,
         freeze_bias: bool = False,
         *,
-        generator: torch.Generator | None = None,
+        seed: int | torch.Generator = 0,
     ) -> None:
         in_features = check_positive_int("in_features", in_features)
         out_features = check_positive_int("out_features", out_features)
         rank = check_positive_int("rank", rank)
+        freeze_bias = check_bool("freeze_bias", freeze_bias)
+        gen = as_generator(seed)
         super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.linear = make_linear(in_features, out_features, generator=generator)
+        self.in_features, self.out_features = in_features, out_features
+        self.rank = rank
+        self.linear = make_linear(in_features, out_features, seed=gen)
         self.linear.weight.requires_grad = False
         self.linear.bias.requires_grad = not freeze_bias
-        self.lora_A = nn.Parameter(torch.randn(in_features, rank, generator=generator))
-        self.lora_B = nn.Parameter(torch.randn(rank, out_features, generator=generator))
+        self.lora_A = nn.Parameter(torch.randn(in_features, rank, generator=gen))
+        self.lora_B = nn.Parameter(torch.randn(rank, out_features, generator=gen))
         self.scaling = 1.0
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,224 +131,273 @@ class LoRALayer(nn.Module):
         return self.linear(x) + self.update(x)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        return (f"in_features={self.in_features}, "
+                f"out_features={self.out_features}, rank={self.rank}")
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable, scaled, zero-initialised low-rank update.
+    """A frozen linear layer plus a trainable, scaled, zero-initialised update.
 
-    .. math:: h = W_0 x + b + s\\, B A\\, \\mathrm{dropout}(x), \\qquad
-              s = \\alpha / r \\;\\text{(or } \\alpha/\\sqrt{r} \\text{ with rsLoRA)}
-
-    ``lora_A`` has shape ``(r, in_features)`` and ``lora_B`` shape
-    ``(out_features, r)``, so ``B @ A`` has the shape of ``base.weight``.
-    ``lora_B`` starts at zero, so a fresh layer computes exactly what its base
-    does; ``lora_A`` starts random (``init``) so that gradients reach ``B``.
+    ``h = W0 x + b + s B A dropout(x)`` with ``s = alpha / r`` (or
+    ``alpha / sqrt(r)`` with rsLoRA). ``lora_A`` ``(r, in_features)`` starts
+    random, ``lora_B`` ``(out_features, r)`` at zero, so a fresh layer computes
+    what its base does. ``merge_weights_`` records the update it adds into the
+    base weight (the record travels in the state dict) and
+    ``unmerge_weights_`` subtracts that record: ``W0`` comes back up to the
+    rounding of one addition and one subtraction, whatever happened to the
+    factors in between. ``alpha`` and ``rslora`` cannot change while merged.
 
     Args:
-        in_features: size of each input sample.
-        out_features: size of each output sample.
-        r: rank of the update (a positive int).
-        alpha: scale numerator (a positive finite number).
-        dropout: dropout probability on the adapter's input, in [0, 1).
-        bias: whether the frozen base layer has a bias.
-        init: how ``lora_A`` starts: ``"normal"`` (N(0, init_scale²), as the
-            source does), ``"kaiming"`` (Kaiming-uniform with a = √5, as loralib
-            and PEFT do) or ``"gaussian"`` (N(0, 1/r²), PEFT's "gaussian").
+        in_features, out_features: sizes of the input and output samples.
+        r: rank of the update.
+        alpha: scale numerator (``scaling`` follows from alpha, r, rslora).
+        dropout: dropout probability on the adapter's input, in [0, 1);
+            readable and settable later as ``dropout_p``.
+        bias: whether the new base layer has a bias.
+        init: how ``lora_A`` starts: ``"normal"`` (N(0, init_scale²), the
+            source's), ``"kaiming"`` (uniform, a = √5, as loralib and PEFT)
+            or ``"gaussian"`` (N(0, 1/r²), PEFT's "gaussian").
         init_scale: standard deviation of ``lora_A`` for ``init="normal"``.
-        rslora: use ``alpha / sqrt(r)`` (rank-stabilised LoRA) instead of ``alpha / r``.
-        generator: draw every initial value from this generator instead of
-            PyTorch's global RNG.
+        rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        seed: an int or a ``torch.Generator`` for every initial value.
+        base: adapt this existing layer instead (see :meth:`from_linear`).
 
     Shapes:
         input ``(..., in_features)`` → output ``(..., out_features)``.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        r: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.1,
-        bias: bool = True,
-        init: str = "normal",
-        init_scale: float = 1e-4,
-        rslora: bool = False,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> None:
-        # Validate everything before building anything.
-        check_positive_int("in_features", in_features)
-        check_positive_int("out_features", out_features)
-        hparams = _check_hparams(r, alpha, dropout, init, init_scale)
+    def __init__(self, in_features: int, out_features: int, r: int = 8,
+                 alpha: float = 16.0, dropout: float = 0.1, bias: bool = True,
+                 init: str = "normal", init_scale: float = 1e-4,
+                 rslora: bool = False, *, seed: int | torch.Generator = 0,
+                 base: nn.Module | None = None,
+                 generator: torch.Generator | None = None) -> None:  # TRANSITION
+        seed = seed if generator is None else generator  # TRANSITION
         super().__init__()
-        base = make_linear(in_features, out_features, bias=bias, generator=generator)
-        self._attach(base, *hparams, rslora=rslora, generator=generator)
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.r = check_positive_int("r", r)
+        self.init = check_choice("init", init, INIT_MODES)
+        self.init_scale = check_positive_finite("init_scale", init_scale)
+        self.register_buffer("merged_lora_A", None)  # the merged update,
+        self.register_buffer("merged_lora_B", None)  # s * B @ A, or None
+        self.alpha, self.rslora, self.dropout_p = alpha, rslora, dropout
+        gen = as_generator(seed)
+        if base is None:
+            base = make_linear(in_features, out_features, bias, seed=gen)
+        self.fan_in_fan_out = _check_base(base, in_features, out_features)
+        self.base = base.requires_grad_(False)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **like))
+        self._adapter_enabled = True
+        self.reset_lora_parameters(seed=gen)
 
     @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        r: int = 8,
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        init: str = "kaiming",
-        init_scale: float = 1e-4,
-        rslora: bool = False,
-        *,
-        generator: torch.Generator | None = None,
-    ) -> "LoRALinear":
-        """Wrap an existing, already trained ``nn.Linear``.
+    def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16.0,
+                    dropout: float = 0.0, init: str = "kaiming",
+                    init_scale: float = 1e-4, rslora: bool = False, *,
+                    seed: int | torch.Generator = 0,
+                    generator: torch.Generator | None = None) -> "LoRALinear":  # TRANSITION
+        """Adapt an existing, trained ``nn.Linear`` (or GPT-2 ``Conv1D``).
 
-        The layer itself becomes ``base``: its weights are kept (not copied) and
-        frozen, and a fresh adapter is attached, so at initialisation the result
-        computes exactly what ``linear`` did. Defaults follow PEFT
-        (``init="kaiming"``, no dropout).
+        ``linear`` itself becomes ``base`` (kept, not copied, and frozen), so
+        the result computes exactly what ``linear`` did. PEFT's defaults.
         """
-        if isinstance(linear, LoRALinear) or not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        hparams = _check_hparams(r, alpha, dropout, init, init_scale)
-        layer = cls.__new__(cls)
-        nn.Module.__init__(layer)
-        layer._attach(linear, *hparams, rslora=rslora, generator=generator)
-        return layer
+        seed = seed if generator is None else generator  # TRANSITION
+        (in_features, out_features), _ = _features(linear)
+        return cls(in_features, out_features, r, alpha, dropout,
+                   linear.bias is not None, init, init_scale, rslora,
+                   seed=seed, base=linear)
 
-    def _attach(
-        self,
-        base: nn.Linear,
-        r: int,
-        alpha: float,
-        dropout: float,
-        init: str,
-        init_scale: float,
-        *,
-        rslora: bool,
-        generator: torch.Generator | None,
-    ) -> None:
-        self.base = base
-        self.base.requires_grad_(False)
-        self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.init, self.init_scale = r, alpha, init, init_scale
-        self.rslora = bool(rslora)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **factory))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **factory))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
-        self._adapter_enabled = True
-        self.reset_lora_parameters(generator=generator)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W0 x + b + s B A dropout(x)``: ``(..., in)`` → ``(..., out)``."""
+        check_last_dim("x", x, self.in_features)
+        if self.merged:
+            self._refuse_training_while_merged()
+            return self.base(x)  # base.weight already holds W0 + s B A
+        out = self.base(x)  # W0 x + b
+        if self._adapter_enabled:
+            update = F.linear(F.linear(self.dropout(x), self.lora_A),
+                              self.lora_B)  # B A dropout(x)
+            out = torch.add(out, update, alpha=self.scaling)  # out + s update
+        return out
 
-    # ------------------------------------------------------------------ maths
-    @property
-    def scaling(self) -> float:
-        """The factor ``s`` multiplying ``B @ A``: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``s B A`` for ``base.weight``: ``(out, in)``."""
+        return (self.scaling * self.lora_B) @ self.lora_A
 
     @torch.no_grad()
-    def reset_lora_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw ``lora_A`` afresh (by ``self.init``) and set ``lora_B`` to zero."""
+    def merge_weights_(self) -> None:
+        """Add ``delta_weight()`` into the base weight (once; no-op if merged).
+
+        A merged weight that would not be finite (NaN, or an overflow in
+        fp16/bf16) raises :class:`ValueError`, leaving every weight untouched.
+        """
         if self.merged:
-            raise RuntimeError("cannot reset the adapter of a merged layer: call unmerge_weights_() first")
-        gen = generator
-        if gen is not None and self.lora_A.device.type != "cpu":
-            sample = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
-        else:
-            sample = self.lora_A
+            return
+        scaled_b, a = self.scaling * self.lora_B, self.lora_A.clone()
+        delta = self._as_stored(scaled_b @ a)  # = delta_weight(), as stored
+        bad = int((~torch.isfinite(self.base.weight + delta)).sum())
+        if bad:
+            raise ValueError(
+                f"refusing to merge: the merged weight would have {bad} "
+                "non-finite value(s) (NaN, inf or an overflow of "
+                f"{delta.dtype}); the weights are left untouched")
+        self.base.weight += delta
+        self.merged_lora_A, self.merged_lora_B = a, scaled_b  # the record
+
+    @torch.no_grad()
+    def unmerge_weights_(self) -> None:
+        """Subtract the merged update out of the base weight (no-op if not merged)."""
+        if not self.merged:
+            return
+        self.base.weight -= self._as_stored(self.merged_lora_B @ self.merged_lora_A)
+        self.merged_lora_A = self.merged_lora_B = None
+
+    # ------------------------------------------------- settings and helpers
+    @property
+    def merged(self) -> bool:
+        """Whether the base weight holds ``W0 + s B A`` (see ``merge_weights_``)."""
+        return self.merged_lora_A is not None
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    @property
+    def alpha(self) -> float:
+        """The scale numerator (a positive finite number; fixed while merged)."""
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._refuse_while_merged("change alpha")
+        self._alpha = check_positive_finite("alpha", value)
+
+    @property
+    def rslora(self) -> bool:
+        """Whether ``scaling`` is ``alpha / sqrt(r)`` (fixed while merged)."""
+        return self._rslora
+
+    @rslora.setter
+    def rslora(self, value: bool) -> None:
+        self._refuse_while_merged("change rslora")
+        self._rslora = check_bool("rslora", value)
+
+    @property
+    def dropout_p(self) -> float:
+        """The dropout probability on the adapter's input, in [0, 1)."""
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    @dropout_p.setter
+    def dropout_p(self, p: float) -> None:
+        p = check_probability("dropout", p)
+        self.dropout = (nn.Dropout(p) if p > 0 else nn.Identity()).train(self.training)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, seed: int | torch.Generator = 0) -> None:
+        """Draw ``lora_A`` afresh (by ``self.init``) and set ``lora_B`` to zero."""
+        self._refuse_while_merged("reset the adapter")
+        gen = as_generator(seed)
+        sample = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)  # on the CPU
         if self.init == "normal":
             nn.init.normal_(sample, mean=0.0, std=self.init_scale, generator=gen)
         elif self.init == "kaiming":
             nn.init.kaiming_uniform_(sample, a=math.sqrt(5), generator=gen)
         else:  # "gaussian"
             nn.init.normal_(sample, mean=0.0, std=1.0 / self.r, generator=gen)
-        if sample is not self.lora_A:
-            self.lora_A.copy_(sample)
+        self.lora_A.copy_(sample)
         self.lora_B.zero_()
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update ``s * B @ A`` this adapter adds to ``base.weight``: ``(out, in)``."""
-        return self.scaling * (self.lora_B @ self.lora_A)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``W0 x + b + s * B A dropout(x)``: ``(..., in_features)`` → ``(..., out_features)``."""
-        check_last_dim("x", x, self.in_features)
-        if self.merged:
-            self._refuse_training_while_merged()
-            return self.base(x)  # base.weight already holds W0 + s*B@A
-        out = self.base(x)  # W0 x + b
-        if self._adapter_enabled:
-            update = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)  # B A dropout(x)
-            out = torch.add(out, update, alpha=self.scaling)  # one fused pass: out + s * update
-        return out
-
-    def _refuse_training_while_merged(self) -> None:
-        adapter_trainable = self.lora_A.requires_grad or self.lora_B.requires_grad
-        if self.training and torch.is_grad_enabled() and adapter_trainable:
-            raise RuntimeError(
-                "forward pass in training mode on a merged LoRALinear: the adapter "
-                "(lora_A, lora_B) would silently get no gradient. Call "
-                "unmerge_weights_() before training, or model.eval() / torch.no_grad() for inference."
-            )
-
-    # ---------------------------------------------------------- merge/unmerge
-    @torch.no_grad()
-    def merge_weights_(self) -> None:
-        """Add ``delta_weight()`` into ``base.weight`` for inference at no extra cost.
-
-        Merging a merged layer does nothing. A non-finite update raises
-        :class:`ValueError` and leaves every weight untouched.
-        """
-        if self.merged:
-            return
-        delta = self.delta_weight()
-        bad = int((~torch.isfinite(delta)).sum())
-        if bad:
-            raise ValueError(
-                f"refusing to merge: delta_weight() has {bad} non-finite value(s) (NaN or inf) "
-                f"out of {delta.numel()}; the weights are left untouched"
-            )
-        self.base.weight += delta
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge_weights_(self) -> None:
-        """Subtract ``delta_weight()`` back out of ``base.weight``.
-
-        Unmerging a layer that is not merged does nothing.
-        """
-        if not self.merged:
-            return
-        self.base.weight -= self.delta_weight()
-        self.merged = False
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator["LoRALinear"]:
-        """Within this context the layer computes only its base: ``W0 x + b``.
-
-        Useful when the base is being (pre)trained and the adapter is not part
-        of the model yet. The layer must not be merged.
-        """
-        if self.merged:
-            raise RuntimeError("cannot disable the adapter of a merged layer: call unmerge_weights_() first")
-        previous = self._adapter_enabled
-        self._adapter_enabled = False
+        """Within this context the layer computes only its base: ``W0 x + b``."""
+        self._refuse_while_merged("disable the adapter")
+        previous, self._adapter_enabled = self._adapter_enabled, False
         try:
             yield self
         finally:
             self._adapter_enabled = previous
 
+    def _as_stored(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` ``(out, in)`` laid out as ``base.weight`` is (``Conv1D``: transposed)."""
+        return delta.T if self.fan_in_fan_out else delta
+
+    def _refuse_while_merged(self, action: str) -> None:
+        if self.merged:
+            raise RuntimeError(f"cannot {action} of a merged LoRALinear: "
+                               "call unmerge_weights_() first")
+
+    def _refuse_training_while_merged(self) -> None:
+        trainable = self.lora_A.requires_grad or self.lora_B.requires_grad
+        if self.training and torch.is_grad_enabled() and trainable:
+            raise RuntimeError(
+                "forward pass in training mode on a merged LoRALinear: the "
+                "adapter (lora_A, lora_B) would silently get no gradient. Call "
+                "unmerge_weights_() before training, or model.eval() / "
+                "torch.no_grad() for inference.")
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
+                              *args: Any) -> None:
+        # A merged layer's state holds merged_lora_A/B; an unmerged one's not.
+        if prefix + "base.weight" in state_dict:
+            merged = all(prefix + "merged_lora_" + k in state_dict for k in "AB")
+            self.merged_lora_A = torch.zeros_like(self.lora_A) if merged else None
+            self.merged_lora_B = torch.zeros_like(self.lora_B) if merged else None
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def extra_repr(self) -> str:
-        scaling = "alpha/sqrt(r)" if self.rslora else "alpha/r"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-            f"alpha={self.alpha:g}, scaling={self.scaling:g} ({scaling}), init={self.init!r}, "
-            f"merged={self.merged}"
-        )
+        rule = "alpha/sqrt(r)" if self.rslora else "alpha/r"
+        return (f"in_features={self.in_features}, "
+                f"out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha:g}, scaling={self.scaling:g} ({rule}), "
+                f"init={self.init!r}, merged={self.merged}")
+
+
+def _conv1d_type() -> type | None:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D``, if transformers is loaded.
+
+    A ``Conv1D`` can only exist once its module has been imported, so this
+    never imports ``transformers`` (an optional dependency) itself.
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _features(layer: object) -> tuple[tuple[int, int], bool]:
+    """``((in_features, out_features), fan_in_fan_out)`` of a layer LoRA can adapt.
+
+    ``nn.Linear`` (and subclasses) store their weight as ``(out, in)``;
+    GPT-2's ``Conv1D`` stores it as ``(in, out)`` and computes ``x @ W + b``
+    (PEFT's ``fan_in_fan_out``).
+    """
+    conv1d = _conv1d_type()
+    if conv1d is not None and isinstance(layer, conv1d):
+        n_in, n_out = layer.weight.shape
+        return (int(n_in), int(n_out)), True
+    if isinstance(layer, nn.Linear):
+        return (layer.in_features, layer.out_features), False
+    raise TypeError(
+        "linear must be a torch.nn.Linear (or a subclass) or a transformers "
+        f"Conv1D, got {type(layer).__name__}")
+
+
+def _check_base(base: object, in_features: int, out_features: int) -> bool:
+    """Check that ``base`` is a linear layer of these sizes; its ``fan_in_fan_out``."""
+    sizes, fan_in_fan_out = _features(base)
+    if sizes != (in_features, out_features):
+        raise ValueError(
+            f"base maps {sizes[0]} to {sizes[1]} features, but in_features="
+            f"{in_features} and out_features={out_features}")
+    return fan_in_fan_out
 
 
 def _check_hparams(
     r: object, alpha: object, dropout: object, init: object, init_scale: object
 ) -> tuple[int, float, float, str, float]:
+    """Check a LoRALinear's settings before anything draws or builds."""
     return (
         check_positive_int("r", r),
         check_positive_finite("alpha", alpha),

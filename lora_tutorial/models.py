@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_positive_int
+from ._checks import as_generator, check_bool, check_positive_int
 from .layers import LoRALinear, _check_hparams, make_linear
 
 __all__ = ["TinyAdapter"]
@@ -22,8 +22,8 @@ class TinyAdapter(nn.Module):
         d_in, d_hidden, d_out: layer sizes.
         r, alpha, dropout: the head's LoRA rank, scale numerator and adapter dropout.
         init, init_scale, rslora: passed on to :class:`~lora_tutorial.layers.LoRALinear`.
-        generator: draw every initial value from this generator (backbone
-            first, then the head) instead of PyTorch's global RNG.
+        seed: an ``int`` or a ``torch.Generator`` every initial value is drawn
+            from (the backbone first, then the head).
 
     Shapes:
         input ``(n, d_in)`` → output ``(n, d_out)``; :meth:`features` gives the
@@ -42,17 +42,21 @@ class TinyAdapter(nn.Module):
         init: str = "normal",
         init_scale: float = 1e-4,
         rslora: bool = False,
-        generator: torch.Generator | None = None,
+        seed: int | torch.Generator = 0,
+        generator: torch.Generator | None = None,  # TRANSITION
     ) -> None:
+        seed = seed if generator is None else generator  # TRANSITION
         for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out)):
             check_positive_int(name, value)
         # Check the head's arguments before the backbone draws from the generator.
         _check_hparams(r, alpha, dropout, init, init_scale)
+        check_bool("rslora", rslora)
+        gen = as_generator(seed)
         super().__init__()
-        self.backbone = make_linear(d_in, d_hidden, generator=generator)
+        self.backbone = make_linear(d_in, d_hidden, seed=gen)
         self.head = LoRALinear(
             d_hidden, d_out, r=r, alpha=alpha, dropout=dropout, bias=True,
-            init=init, init_scale=init_scale, rslora=rslora, generator=generator,
+            init=init, init_scale=init_scale, rslora=rslora, seed=gen,
         )
         self.act = nn.GELU()
 

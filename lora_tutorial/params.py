@@ -36,6 +36,8 @@ def count_parameters(model: nn.Module) -> ParamCount:
 
     Shared parameters are counted once.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     trainable = total = 0
     for p in model.parameters():  # parameters() already skips duplicates
         total += p.numel()
@@ -54,9 +56,16 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCo
             :class:`~lora_tutorial.layers.LoRALinear`'s base layer trainable (what the source does when
             it trains "LoRA A/B and optional bias" of the head).
 
+    The bias mode is recorded on the model as ``model.lora_bias_mode`` (as
+    PEFT's config records it), so that :func:`~lora_tutorial.save_adapter`
+    saves the biases that belong to the adapter even after everything has
+    been frozen.
+
     Returns:
         The resulting :class:`ParamCount`.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_choice("bias", bias, BIAS_MODES)
     lora_biases = {
         id(module.base.bias)
@@ -73,4 +82,5 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCo
             p.requires_grad = True
         else:
             p.requires_grad = False
+    model.lora_bias_mode = bias
     return count_parameters(model)

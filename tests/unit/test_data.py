@@ -95,7 +95,6 @@ def test_forward_with_mats_shape_and_errors():
     [
         (lambda: create_toy_dataset(n_samples=0), "n_samples must be a positive int, got 0"),
         (lambda: create_toy_dataset(seed=-1), "seed must be a non-negative int or a torch.Generator, got -1"),
-        (lambda: create_toy_dataset(seed=1.5), "seed must be a non-negative int"),
         (lambda: make_task_matrices(d_hidden=-4), "d_hidden must be a positive int, got -4"),
         (lambda: make_task_matrices(shift=-0.1), r"shift must be a finite number >= 0, got -0.1"),
         (lambda: make_task_matrices(shift=float("nan")), r"shift must be a finite number >= 0"),
@@ -105,3 +104,21 @@ def test_forward_with_mats_shape_and_errors():
 def test_bad_arguments(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("seed", [1.5, "0", None, True])
+def test_a_seed_of_the_wrong_kind_is_a_type_error(seed):
+    with pytest.raises(TypeError, match="seed must be an int or a torch.Generator, got"):
+        create_toy_dataset(seed=seed)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(n_train=0), dict(n_val=-1), dict(d_out=0), dict(shift=-1.0)],
+)
+def test_builders_validate_before_drawing_from_the_callers_generator(kwargs):
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    with pytest.raises(ValueError):
+        make_adaptation_task(seed=g, **kwargs)
+    assert torch.equal(g.get_state(), state)

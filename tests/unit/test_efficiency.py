@@ -37,7 +37,7 @@ def test_format_bytes():
 
 
 def test_adam_formula_matches_measured_optimizer_state():
-    layer = lt.LoRALinear(64, 8, r=4, generator=torch.Generator().manual_seed(0))
+    layer = lt.LoRALinear(64, 8, r=4, seed=torch.Generator().manual_seed(0))
     params = [layer.lora_A, layer.lora_B]
     n = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=1e-3)

@@ -104,7 +104,7 @@ def test_best_low_rank_update_errors():
 def test_training_on_stats_follows_training_on_data():
     # Without dropout both minimise the same full-batch loss with the same AdamW.
     h, y = problem()
-    layer = LoRALinear(12, 5, r=2, alpha=4.0, dropout=0.0, init="kaiming", generator=gen(8))
+    layer = LoRALinear(12, 5, r=2, alpha=4.0, dropout=0.0, init="kaiming", seed=gen(8))
     layer.base.bias.requires_grad_(True)  # train the bias too, as fit_lora_on_stats does by default
     twin = copy.deepcopy(layer)
     on_data = train(layer, h, y, steps=60, lr=0.02)
@@ -116,7 +116,7 @@ def test_training_on_stats_follows_training_on_data():
 
 def test_training_on_stats_leaves_requires_grad_as_it_found_it():
     h, y = problem()
-    layer = LoRALinear(12, 5, r=2, generator=gen(8))
+    layer = LoRALinear(12, 5, r=2, seed=gen(8))
     fit_lora_on_stats(layer, FeatureStats.from_data(h, y), steps=3, lr=0.01)
     assert not layer.base.bias.requires_grad and layer.lora_A.requires_grad
 

@@ -36,14 +36,14 @@ def test_naive_layer_reproduces_the_source_stream():
 
     g = gen(42)
     torch.randn(1000, 64, generator=g), torch.randn(1000, 10, generator=g)
-    layer = LoRALayer(64, 10, rank=4, generator=g)
+    layer = LoRALayer(64, 10, rank=4, seed=g)
     assert torch.equal(layer.linear.weight, ref_linear.weight)
     assert torch.equal(layer.linear.bias, ref_linear.bias)
     assert torch.equal(layer.lora_A, ref_a) and torch.equal(layer.lora_B, ref_b)
 
 
 def test_naive_layer_forward_is_linear_plus_xab():
-    layer = LoRALayer(6, 3, rank=2, generator=gen())
+    layer = LoRALayer(6, 3, rank=2, seed=gen())
     x = torch.randn(5, 6, generator=gen(1))
     expected = layer.linear(x) + (x @ layer.lora_A) @ layer.lora_B
     assert layer.lora_A.shape == (6, 2) and layer.lora_B.shape == (2, 3)
@@ -55,7 +55,7 @@ def test_make_linear_with_generator_matches_nn_linear_under_manual_seed(global_r
     torch.manual_seed(7)
     ref = nn.Linear(5, 4)
     torch.set_rng_state(state)
-    mine = make_linear(5, 4, generator=gen(7))
+    mine = make_linear(5, 4, seed=gen(7))
     assert torch.equal(mine.weight, ref.weight) and torch.equal(mine.bias, ref.bias)
 
 
@@ -71,7 +71,7 @@ def test_shapes_and_scaling():
 
 @pytest.mark.parametrize("init", ["normal", "kaiming", "gaussian"])
 def test_fresh_layer_equals_its_base_exactly(init):
-    layer = LoRALinear(64, 16, r=8, dropout=0.3, init=init, generator=gen())
+    layer = LoRALinear(64, 16, r=8, dropout=0.3, init=init, seed=gen())
     x = torch.randn(20, 64, generator=gen(1))
     assert torch.count_nonzero(layer.lora_B) == 0
     assert torch.count_nonzero(layer.lora_A) > 0
@@ -82,18 +82,18 @@ def test_fresh_layer_equals_its_base_exactly(init):
 
 def test_init_distributions():
     torch_gen = gen(3)
-    normal = LoRALinear(512, 4, r=16, init="normal", init_scale=1e-3, generator=torch_gen)
+    normal = LoRALinear(512, 4, r=16, init="normal", init_scale=1e-3, seed=torch_gen)
     assert normal.lora_A.std().item() == pytest.approx(1e-3, rel=0.05)
-    kaiming = LoRALinear(512, 4, r=16, init="kaiming", generator=torch_gen)
+    kaiming = LoRALinear(512, 4, r=16, init="kaiming", seed=torch_gen)
     bound = 1 / math.sqrt(512)
     assert kaiming.lora_A.abs().max().item() <= bound
     assert kaiming.lora_A.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
-    gaussian = LoRALinear(512, 4, r=16, init="gaussian", generator=torch_gen)
+    gaussian = LoRALinear(512, 4, r=16, init="gaussian", seed=torch_gen)
     assert gaussian.lora_A.std().item() == pytest.approx(1 / 16, rel=0.05)
 
 
 def test_forward_is_base_plus_scaled_update():
-    layer = LoRALinear(10, 6, r=3, alpha=6.0, dropout=0.0, generator=gen())
+    layer = LoRALinear(10, 6, r=3, alpha=6.0, dropout=0.0, seed=gen())
     with torch.no_grad():
         layer.lora_B.normal_(generator=gen(2))
     x = torch.randn(4, 10, generator=gen(1))
@@ -103,7 +103,7 @@ def test_forward_is_base_plus_scaled_update():
 
 
 def test_dropout_applies_to_the_adapter_input_only():
-    layer = LoRALinear(10, 6, r=3, alpha=3.0, dropout=0.5, generator=gen())
+    layer = LoRALinear(10, 6, r=3, alpha=3.0, dropout=0.5, seed=gen())
     with torch.no_grad():
         layer.lora_B.normal_(generator=gen(2))
     x = torch.randn(8, 10, generator=gen(1))
@@ -116,7 +116,7 @@ def test_dropout_applies_to_the_adapter_input_only():
 
 
 def test_train_mode_with_dropout_differs_eval_mode_does_not():
-    layer = LoRALinear(32, 8, r=4, dropout=0.2, generator=gen())
+    layer = LoRALinear(32, 8, r=4, dropout=0.2, seed=gen())
     with torch.no_grad():
         layer.lora_B.normal_(generator=gen(2))
     x = torch.randn(16, 32, generator=gen(1))
@@ -127,7 +127,7 @@ def test_train_mode_with_dropout_differs_eval_mode_does_not():
 
 
 def trained_like_layer(dropout=0.1):
-    layer = LoRALinear(48, 12, r=4, alpha=8.0, dropout=dropout, generator=gen())
+    layer = LoRALinear(48, 12, r=4, alpha=8.0, dropout=dropout, seed=gen())
     with torch.no_grad():
         layer.lora_B.normal_(std=0.2, generator=gen(5))
         layer.lora_A.normal_(std=0.2, generator=gen(6))
@@ -207,7 +207,7 @@ def test_from_linear_keeps_the_wrapped_layer():
         linear.weight.mul_(3.0).add_(0.1)
     x = torch.randn(9, 20, generator=gen(1))
     before = linear(x)
-    layer = LoRALinear.from_linear(linear, r=4, alpha=8.0, generator=gen())
+    layer = LoRALinear.from_linear(linear, r=4, alpha=8.0, seed=gen())
     assert layer.base is linear
     assert not linear.weight.requires_grad and not linear.bias.requires_grad
     assert torch.equal(layer(x), before)
@@ -236,10 +236,10 @@ def test_disable_adapter():
 
 def test_reset_lora_parameters_is_reproducible():
     layer = trained_like_layer()
-    layer.reset_lora_parameters(generator=gen(9))
+    layer.reset_lora_parameters(seed=gen(9))
     first = layer.lora_A.clone()
     assert torch.count_nonzero(layer.lora_B) == 0
-    layer.reset_lora_parameters(generator=gen(9))
+    layer.reset_lora_parameters(seed=gen(9))
     assert torch.equal(layer.lora_A, first)
 
 
@@ -290,5 +290,5 @@ def test_bad_arguments_leave_the_generator_untouched():
     g = gen(0)
     state = g.get_state()
     with pytest.raises(ValueError):
-        LoRALinear(8, 4, r=0, generator=g)
+        LoRALinear(8, 4, r=0, seed=g)
     assert torch.equal(g.get_state(), state)

@@ -53,7 +53,7 @@ def test_count_parameters_counts_shared_parameters_once():
 @pytest.mark.parametrize("bias, trained_biases", [("none", set()), ("lora_only", {"head.base.bias"}),
                                                   ("all", {"head.base.bias", "backbone.bias"})])
 def test_after_freezing_only_the_adapter_gets_gradients(bias, trained_biases):
-    model = TinyAdapter(d_in=8, d_hidden=12, d_out=3, r=2, generator=gen())
+    model = TinyAdapter(d_in=8, d_hidden=12, d_out=3, r=2, seed=gen())
     with torch.no_grad():
         model.head.lora_B.normal_(generator=gen(1))  # so that lora_A gets a non-zero gradient too
     mark_only_lora_as_trainable(model, bias=bias)
@@ -65,7 +65,7 @@ def test_after_freezing_only_the_adapter_gets_gradients(bias, trained_biases):
 
 
 def test_tiny_adapter_shapes_and_features():
-    model = TinyAdapter(generator=gen())
+    model = TinyAdapter(seed=gen())
     x = torch.randn(10, 128, generator=gen(1))
     assert model(x).shape == (10, 16)
     assert model.features(x).shape == (10, 256)
@@ -76,9 +76,9 @@ def test_tiny_adapter_bad_arguments_fail_before_building():
     g = gen()
     state = g.get_state()
     with pytest.raises(ValueError, match="r must be a positive int, got 0"):
-        TinyAdapter(r=0, generator=g)
+        TinyAdapter(r=0, seed=g)
     with pytest.raises(ValueError, match="d_hidden must be a positive int"):
-        TinyAdapter(d_hidden=0, generator=g)
+        TinyAdapter(d_hidden=0, seed=g)
     assert torch.equal(g.get_state(), state)
 
 
@@ -91,17 +91,17 @@ def regression_problem(n=256):
 
 def test_train_reduces_the_loss_and_returns_its_history(global_rng_untouched):
     x, y = regression_problem()
-    layer = LoRALinear(6, 2, r=2, alpha=2.0, dropout=0.0, init="kaiming", generator=gen())
+    layer = LoRALinear(6, 2, r=2, alpha=2.0, dropout=0.0, init="kaiming", seed=gen())
     history = train(layer, x, y, steps=200, lr=0.05)
     assert len(history) == 200
     assert history[-1] < 0.5 * history[0]
     assert history[0] == pytest.approx(nn.functional.mse_loss(
-        LoRALinear(6, 2, r=2, alpha=2.0, dropout=0.0, init="kaiming", generator=gen())(x), y).item())
+        LoRALinear(6, 2, r=2, alpha=2.0, dropout=0.0, init="kaiming", seed=gen())(x), y).item())
 
 
 def test_train_is_deterministic_with_dropout_and_restores_the_mode(global_rng_untouched):
     x, y = regression_problem()
-    first = LoRALinear(6, 2, r=2, dropout=0.3, init="kaiming", generator=gen()).eval()
+    first = LoRALinear(6, 2, r=2, dropout=0.3, init="kaiming", seed=gen()).eval()
     second = copy.deepcopy(first)
     calls = []
     h1 = train(first, x, y, steps=20, lr=0.01, seed=5, callback=lambda s, v: calls.append((s, v)))
@@ -131,7 +131,7 @@ def test_train_errors():
 
 
 def test_evaluate_runs_in_eval_mode_and_restores_the_mode(global_rng_untouched):
-    layer = LoRALinear(6, 2, r=2, dropout=0.5, generator=gen())
+    layer = LoRALinear(6, 2, r=2, dropout=0.5, seed=gen())
     with torch.no_grad():
         layer.lora_B.normal_(generator=gen(4))
     x, y = regression_problem()
