@@ -1,31 +1,222 @@
 """Putting LoRA into any model, and taking it out again.
 
 :func:`add_lora` does what PEFT's ``inject_adapter_in_model`` does for plain
-LoRA: every ``nn.Linear`` whose name matches ``target_modules`` is replaced by
-a :class:`~lora_tutorial.layers.LoRALinear` wrapping it, and everything but the
-adapters is frozen. :func:`unload_lora` undoes it, merging the updates or not.
+LoRA: every matching linear layer (``nn.Linear``, its subclasses, and GPT-2's
+``transformers.pytorch_utils.Conv1D``) is replaced by a
+:class:`~lora_tutorial.layers.LoRALinear` wrapping it, and everything but the
+adapters (and any ``modules_to_save``) is frozen. :func:`unload_lora` undoes
+it, merging the updates or not.
 
-Names match as in PEFT: a module matches a target if its full name equals the
-target or ends with ``"." + target`` (so ``"q_proj"`` matches
-``"model.layers.0.self_attn.q_proj"``).
+``target_modules`` is read as PEFT reads it:
+
+* a list of names: a module matches if its full name equals one of them or
+  ends with ``"." + name`` (``"q_proj"`` matches
+  ``"model.layers.0.self_attn.q_proj"``);
+* a single string: a regular expression the full name must match entirely
+  (``re.fullmatch``), e.g. ``r".*\\.attn\\.c_attn"``;
+* ``"all-linear"``: every linear layer except the output head (for a
+  ``transformers`` model, the module ``get_output_embeddings()`` returns, as
+  in PEFT).
+
+A target that matches nothing, or matches a module that cannot be adapted,
+raises :class:`ValueError` saying which and why, before the model changes.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import re
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ._checks import check_choice
-from .layers import LoRALinear, _check_hparams
+from ._checks import as_generator, check_choice
+from .layers import LoRALinear, _check_hparams, _conv1d_type
 from .params import BIAS_MODES, mark_only_lora_as_trainable
 
-__all__ = ["add_lora", "lora_layers", "unload_lora"]
+__all__ = [
+    "ALL_LINEAR",
+    "add_lora",
+    "lora_layers",
+    "recorded_bias",
+    "saved_modules",
+    "unload_lora",
+]
+
+#: The ``target_modules`` value meaning every linear layer but the output head.
+ALL_LINEAR = "all-linear"
+# Attributes add_lora sets on the model: the choices save_adapter needs later
+# (PEFT keeps them in its LoraConfig).
+BIAS_ATTR = "lora_bias_mode"
+MODULES_TO_SAVE_ATTR = "lora_modules_to_save"
 
 
-def _matches(name: str, targets: tuple[str, ...]) -> bool:
-    return any(name == t or name.endswith("." + t) for t in targets)
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
+    """Every :class:`~lora_tutorial.layers.LoRALinear` in ``model``, with its name."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            yield name, module
+
+
+def recorded_bias(model: nn.Module) -> str | None:
+    """The bias mode recorded when LoRA was added to ``model`` (or ``None``).
+
+    :func:`add_lora` (and :func:`~lora_tutorial.params.mark_only_lora_as_trainable`)
+    record it; :func:`~lora_tutorial.adapter_io.save_adapter` saves biases by it.
+    """
+    return _recorded(model, BIAS_ATTR)
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The fully trained modules recorded by ``add_lora(..., modules_to_save=...)``.
+
+    Returns ``(name, module)`` pairs, matched by PEFT's rule (the module's
+    name ends with one of the recorded names); empty if none were recorded.
+    """
+    names = _recorded(model, MODULES_TO_SAVE_ATTR)
+    return _match_modules_to_save(model, names) if names else []
+
+
+def _recorded(model: nn.Module, attribute: str) -> object:
+    for module in model.modules():  # the model itself first
+        if attribute in vars(module):
+            return vars(module)[attribute]
+    return None
+
+
+def _adaptable(module: nn.Module) -> bool:
+    conv1d = _conv1d_type()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _read_not_called(modules: dict[str, nn.Module], name: str) -> bool:
+    """Whether ``name`` is the ``out_proj`` of an ``nn.MultiheadAttention`` (read, never called)."""
+    parent, _, child = name.rpartition(".")
+    return child == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention)
+
+
+def _target_matcher(target_modules: object) -> tuple[Callable[[str], bool] | None, list[str]]:
+    """``(match(name), targets)``; ``match`` is ``None`` for ``"all-linear"``."""
+    if isinstance(target_modules, str):
+        if target_modules.lower() == ALL_LINEAR:
+            return None, [target_modules]
+        try:
+            pattern = re.compile(target_modules)
+        except re.error as err:
+            raise ValueError(
+                f"target_modules={target_modules!r} is a single string, so a regular "
+                f"expression, but it does not compile: {err}") from None
+        return (lambda name: pattern.fullmatch(name) is not None), [target_modules]
+    if isinstance(target_modules, (nn.Module, torch.Tensor, bytes, dict)) or not isinstance(
+            target_modules, Iterable):
+        raise TypeError(
+            "target_modules must be a list of module names, a regular expression or "
+            f"'all-linear', got {type(target_modules).__name__}")
+    targets = list(target_modules)
+    if not targets or not all(isinstance(t, str) and t for t in targets):
+        raise ValueError(
+            "target_modules must be a non-empty list of non-empty module names, "
+            f"got {targets!r}")
+    return (lambda name: any(name == t or name.endswith("." + t) for t in targets)), targets
+
+
+def _check_names(argument: str, names: object) -> list[str]:
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        raise TypeError(f"{argument} must be a list of module names, got {names!r}")
+    if not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"{argument} must hold non-empty module names, got {list(names)!r}")
+    return list(names)
+
+
+def _match_modules_to_save(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
+    """Modules with state whose name ends with one of ``names`` (PEFT's rule, plain
+    ``str.endswith``: ``"classifier"`` also matches ``"pre_classifier"``)."""
+    return [(name, module) for name, module in model.named_modules()
+            if name and any(name.endswith(n) for n in names) and module.state_dict()]
+
+
+def _inside(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def _check_modules_to_save(model: nn.Module, names: list[str],
+                           lora_names: list[str]) -> list[tuple[str, nn.Module]]:
+    found = _match_modules_to_save(model, names)
+    matched = {n for n in names if any(name.endswith(n) for name, _ in found)}
+    unmatched = [n for n in names if n not in matched]
+    if unmatched:
+        raise ValueError(
+            f"modules_to_save names {unmatched} match no module with parameters "
+            "(PEFT's rule: the module's full name ends with the given name)")
+    paths = [name for name, _ in found]
+    for name, module in found:
+        if _inside(name, lora_names) or any(isinstance(m, LoRALinear) for m in module.modules()):
+            raise ValueError(
+                f"modules_to_save matches {name!r}, which is or holds a LoRALinear: "
+                "a module is either adapted or saved whole, not both")
+        nested = [p for p in paths if p != name and p.startswith(name + ".")]
+        if nested:
+            raise ValueError(
+                f"modules_to_save matches both {name!r} and {nested[0]!r} inside it; "
+                "name only the outer module")
+    return found
+
+
+def _why_not(modules: dict[str, nn.Module], name: str) -> str:
+    if _read_not_called(modules, name):
+        return ("the out_proj of nn.MultiheadAttention, which reads out_proj.weight "
+                "directly and never calls out_proj, so an adapter there would never "
+                "run (PEFT's would silently do nothing)")
+    return (f"a {type(modules[name]).__name__}; LoRA adapts nn.Linear (and subclasses) and "
+            "transformers' Conv1D")
+
+
+def _choose(model: nn.Module, target_modules: object,
+            saved: list[str]) -> list[str]:
+    """The names of the modules to adapt, or a ValueError saying why there are none."""
+    match, targets = _target_matcher(target_modules)
+    lora_names = [name for name, _ in lora_layers(model)]
+    modules = dict(model.named_modules())
+    if match is None:  # "all-linear": every linear layer but the output head
+        head = getattr(model, "get_output_embeddings", None)
+        head = head() if callable(head) else None
+        excluded = {name for name, m in modules.items() if head is not None and m is head}
+        matched = [name for name, m in modules.items()
+                   if _adaptable(m) and name not in excluded
+                   and not _read_not_called(modules, name)]
+    else:
+        matched = [name for name in modules if name and match(name)]
+        if isinstance(target_modules, list | tuple):
+            silent = [t for t in targets if not any(name == t or name.endswith("." + t)
+                                                    for name in matched)]
+            if silent and matched:
+                raise ValueError(
+                    f"target_modules {silent} match no module of the model (the other "
+                    f"targets match {len(matched)}); remove them or fix their names")
+    adapted = [name for name in matched
+               if isinstance(modules[name], LoRALinear) or _inside(name, lora_names)]
+    if adapted:
+        raise ValueError(
+            f"target_modules match {adapted[0]!r}, which is a LoRALinear or part of one: "
+            "the model is already adapted (call unload_lora first, or leave those "
+            "layers out of target_modules); nothing was changed")
+    chosen = [name for name in matched if not _inside(name, saved)]
+    wrong = [name for name in chosen
+             if not _adaptable(modules[name]) or _read_not_called(modules, name)]
+    if wrong:
+        name = wrong[0]
+        raise ValueError(
+            f"target_modules match {name!r}, which cannot be adapted: it is "
+            f"{_why_not(modules, name)}"
+            + (f" ({len(wrong) - 1} more such module(s))" if len(wrong) > 1 else ""))
+    if not chosen:
+        linears = [name for name, m in modules.items() if _adaptable(m)]
+        shown = f"{linears[:12]}{' ...' if len(linears) > 12 else ''}"
+        why = (" (the matches are all in modules_to_save)" if matched else "")
+        raise ValueError(
+            f"target_modules {targets} matched no linear layer of the model{why}; "
+            f"its linear layers are: {shown}")
+    return chosen
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -34,16 +225,9 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
-    """Every :class:`~lora_tutorial.layers.LoRALinear` in ``model``, with its module name."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoRALinear):
-            yield name, module
-
-
 def add_lora(
     model: nn.Module,
-    target_modules: Iterable[str],
+    target_modules: str | Iterable[str],
     r: int = 8,
     alpha: float = 16.0,
     dropout: float = 0.0,
@@ -52,65 +236,111 @@ def add_lora(
     rslora: bool = False,
     bias: str = "none",
     *,
-    generator: torch.Generator | None = None,
+    modules_to_save: Iterable[str] | None = None,
+    seed: int | torch.Generator = 0,
 ) -> nn.Module:
-    """Wrap every matching ``nn.Linear`` of ``model`` in a ``LoRALinear``, in place, and freeze the rest.
+    """Wrap every matching linear layer of ``model`` in a ``LoRALinear``, in place.
+
+    Everything else is frozen, except the biases ``bias`` names and the
+    ``modules_to_save``, which train whole. Everything is checked before the
+    model changes: a refused call leaves it as it was.
 
     Args:
         model: any module.
-        target_modules: module names (or name suffixes) to adapt, e.g. ``["q_proj", "v_proj"]``.
-        r, alpha, dropout, init, init_scale, rslora: the adapters' settings (defaults follow PEFT).
-        bias: which biases stay trainable, as in :func:`~lora_tutorial.params.mark_only_lora_as_trainable`.
-        generator: draw the adapters' initial values from this generator, layer by layer in
-            the order of ``model.named_modules()``.
+        target_modules: which layers to adapt: a list of names (or name
+            suffixes), a regular expression for the full name, or
+            ``"all-linear"`` (see the module docstring). Matches may be
+            ``nn.Linear``, a subclass of it, or GPT-2's ``Conv1D``.
+        r, alpha, dropout, init, init_scale, rslora: the adapters' settings
+            (defaults follow PEFT).
+        bias: which biases train too: ``"none"``, ``"lora_only"`` (the
+            adapted layers' own) or ``"all"``. Recorded on the model, so
+            :func:`~lora_tutorial.adapter_io.save_adapter` saves those biases
+            even after they are frozen again.
+        modules_to_save: names of modules trained whole beside the adapter
+            (a classification head, say), matched as PEFT matches them (the
+            module's full name ends with the name); recorded and saved by
+            ``save_adapter`` in PEFT's format. They are never adapted.
+        seed: an ``int`` or a ``torch.Generator`` the adapters' initial values
+            are drawn from, layer by layer in the order of
+            ``model.named_modules()``.
 
     Returns:
         ``model`` itself.
 
     Raises:
-        ValueError: if no ``nn.Linear`` matches, naming the linear layers that exist.
+        TypeError: for arguments of the wrong kind.
+        ValueError: for a target that matches nothing, a match that cannot be
+            adapted (saying why), or a model that is already adapted there.
     """
-    targets = (target_modules,) if isinstance(target_modules, str) else tuple(target_modules)
-    if not targets or not all(isinstance(t, str) and t for t in targets):
-        raise ValueError(f"target_modules must be a non-empty list of module names, got {target_modules!r}")
-    _check_hparams(r, alpha, dropout, init, init_scale)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    hparams = _check_hparams(r, alpha, dropout, init, init_scale)
+    if not isinstance(rslora, bool):
+        raise TypeError(f"rslora must be a bool, got {rslora!r}")
     check_choice("bias", bias, BIAS_MODES)
-    chosen = [
-        name for name, module in model.named_modules()
-        if _matches(name, targets) and type(module) is nn.Linear
-    ]
-    if not chosen:
-        linears = [name for name, m in model.named_modules() if type(m) is nn.Linear]
-        raise ValueError(
-            f"target_modules {list(targets)} matched no nn.Linear in the model; "
-            f"its linear layers are: {linears[:12]}{' ...' if len(linears) > 12 else ''}"
-        )
-    for name in chosen:
-        linear = model.get_submodule(name)
-        layer = LoRALinear.from_linear(
-            linear, r=r, alpha=alpha, dropout=dropout, init=init, init_scale=init_scale,
-            rslora=rslora, generator=generator,
-        )
+    saved_names = [] if modules_to_save is None else _check_names("modules_to_save", modules_to_save)
+    gen = as_generator(seed)
+    lora_names = [name for name, _ in lora_layers(model)]
+    saved = _check_modules_to_save(model, saved_names, lora_names) if saved_names else []
+    chosen = _choose(model, target_modules, [name for name, _ in saved])
+
+    # Everything is checked: build every adapter, then change the model.
+    r, alpha, dropout, init, init_scale = hparams
+    new = {
+        name: LoRALinear.from_linear(
+            model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, init=init,
+            init_scale=init_scale, rslora=rslora, seed=gen)
+        for name in chosen
+    }
+    for name, layer in new.items():
         _replace(model, name, layer)
     mark_only_lora_as_trainable(model, bias=bias)
+    for _, module in saved:
+        module.requires_grad_(True)
+    setattr(model, BIAS_ATTR, bias)
+    setattr(model, MODULES_TO_SAVE_ATTR, saved_names or None)
     return model
 
 
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every ``LoRALinear`` in ``model`` by its base ``nn.Linear``, in place.
+    """Replace every ``LoRALinear`` in ``model`` by its base layer, in place.
 
     With ``merge=True`` (PEFT's ``merge_and_unload``) each update is merged into
     its base weight first, so the plain model computes what the adapted one did
-    (in evaluation mode); with ``merge=False`` (PEFT's ``unload``) the adapters are
-    dropped and the base weights restored. Returns ``model`` (a bare
-    ``LoRALinear`` cannot replace itself: unload its parent).
+    (in evaluation mode); every layer is checked first, and if any merged
+    weight would not be finite nothing changes. With ``merge=False`` (PEFT's
+    ``unload``) the adapters are dropped and the base weights restored.
+    Returns ``model`` (a bare ``LoRALinear`` cannot replace itself: unload
+    its parent). Modules trained whole (``modules_to_save``) stay as trained.
     """
     if isinstance(model, LoRALinear):
-        raise TypeError("unload_lora needs the model that holds the LoRALinear layers, not a LoRALinear itself")
-    for name, layer in list(lora_layers(model)):
+        raise TypeError("unload_lora needs the model that holds the LoRALinear layers, "
+                        "not a LoRALinear itself")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(merge, bool):
+        raise TypeError(f"merge must be a bool, got {merge!r}")
+    layers = list(lora_layers(model))
+    if merge:
+        with torch.no_grad():
+            for name, layer in layers:
+                if layer.merged:
+                    continue
+                weight = layer.base.weight + layer._as_stored(layer.delta_weight())
+                bad = int((~torch.isfinite(weight)).sum())
+                if bad:
+                    raise ValueError(
+                        f"refusing to merge: the merged weight of {name!r} would have "
+                        f"{bad} non-finite value(s); no layer was changed")
+    for name, layer in layers:
         if merge:
             layer.merge_weights_()
         else:
             layer.unmerge_weights_()
+    for name, layer in layers:
         _replace(model, name, layer.base)
+    for attribute in (BIAS_ATTR, MODULES_TO_SAVE_ATTR):
+        for module in model.modules():
+            vars(module).pop(attribute, None)
     return model

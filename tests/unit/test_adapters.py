@@ -25,7 +25,7 @@ def setup():
     task, model = lt.pretrained_tiny_adapter()
     with torch.no_grad():
         feats = model.features(task.x_train[:1024])
-    model.head.base.bias.requires_grad_(True)
+    model.head.base.bias.requires_grad_(True)  # chapter 3 trains the head's bias too
     lt.fit_lora_on_stats(model.head, lt.FeatureStats.from_data(feats, task.y_new_train[:1024]), steps=30, lr=5e-3)
     model.head.base.bias.requires_grad_(False)
     return task.x_val[:64], model.eval()
@@ -58,7 +58,7 @@ def test_add_lora_wraps_matching_linears_and_freezes_the_rest():
     model = nn.Sequential(Block(), Block())
     x = torch.randn(4, 8)
     before = model(x)
-    lt.add_lora(model, ["q_proj", "v_proj"], r=2, alpha=4.0, generator=gen())
+    lt.add_lora(model, ["q_proj", "v_proj"], r=2, alpha=4.0, seed=0)
     names = [name for name, _ in lt.lora_layers(model)]
     assert names == ["0.attn.q_proj", "0.attn.v_proj", "1.attn.q_proj", "1.attn.v_proj"]
     assert torch.equal(model(x), before)  # B = 0: nothing changes yet
@@ -68,7 +68,7 @@ def test_add_lora_wraps_matching_linears_and_freezes_the_rest():
 
 
 def test_add_lora_errors():
-    with pytest.raises(ValueError, match=r"matched no nn.Linear.*\['0', '1'\]"):
+    with pytest.raises(ValueError, match=r"matched no linear layer.*\['0', '1'\]"):
         lt.add_lora(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), ["q_proj"])
     with pytest.raises(ValueError, match="target_modules must be a non-empty list"):
         lt.add_lora(nn.Sequential(nn.Linear(2, 2)), [])
@@ -123,17 +123,46 @@ def test_save_adapter_writes_peft_keys_and_config(setup, tmp_path):
     assert config["lora_dropout"] == 0.1
 
 
-def test_save_adapter_infers_which_biases_belong_to_the_adapter(setup, tmp_path):
-    _, model = setup
-    model = copy.deepcopy(model)
-    model.head.base.bias.requires_grad_(True)  # chapter 3 trains the head's bias
+def test_save_adapter_saves_biases_by_the_mode_recorded_when_lora_was_added(tmp_path):
+    """Issue 10, item 5: not by requires_grad (which users switch off before saving)."""
+    model = nn.Sequential(Block(), Block())
+    lt.add_lora(model, ["q_proj", "v_proj"], r=2, bias="lora_only", seed=0)
+    assert lt.recorded_bias(model) == "lora_only"
+    with torch.no_grad():
+        model[0].attn["q_proj"].base.bias.add_(1.0)  # "trained"
+    model.requires_grad_(False)  # frozen, as users do before saving
     lt.save_adapter(model, tmp_path / "lora_only")
-    assert "base_model.model.head.base_layer.bias" in load_file(str(tmp_path / "lora_only" / ADAPTER_WEIGHTS))
-    model.backbone.bias.requires_grad_(True)
+    tensors = load_file(str(tmp_path / "lora_only" / ADAPTER_WEIGHTS))
+    key = "base_model.model.0.attn.q_proj.base_layer.bias"
+    assert torch.equal(tensors[key], model[0].attn["q_proj"].base.bias)
+    assert sum(k.endswith("base_layer.bias") for k in tensors) == 4
+    assert json.loads((tmp_path / "lora_only" / ADAPTER_CONFIG).read_text())["bias"] == "lora_only"
+    # bias="all": every bias, trainable or not; an explicit argument wins over the record
+    model = lt.add_lora(nn.Sequential(Block()), ["q_proj"], r=2, bias="all", seed=0)
+    model.requires_grad_(False)
     lt.save_adapter(model, tmp_path / "all")
-    keys = load_file(str(tmp_path / "all" / ADAPTER_WEIGHTS))
-    assert {"base_model.model.backbone.bias", "base_model.model.head.base_layer.bias"} <= set(keys)
-    assert json.loads((tmp_path / "all" / ADAPTER_CONFIG).read_text())["bias"] == "all"
+    keys = set(load_file(str(tmp_path / "all" / ADAPTER_WEIGHTS)))
+    assert {"base_model.model.0.norm.bias", "base_model.model.0.attn.v_proj.bias"} <= keys
+    lt.save_adapter(model, tmp_path / "none", bias="none")
+    assert not any("bias" in k for k in load_file(str(tmp_path / "none" / ADAPTER_WEIGHTS)))
+
+
+def test_a_fresh_tiny_adapter_saves_no_bias(tmp_path):
+    """Its backbone's bias is trainable (pretraining trains it), but it is no part of an adapter."""
+    model = lt.TinyAdapter(seed=0)
+    assert model.backbone.bias.requires_grad and lt.recorded_bias(model) is None
+    lt.save_adapter(model, tmp_path)
+    assert sorted(load_file(str(tmp_path / ADAPTER_WEIGHTS))) == [
+        "base_model.model.head.lora_A.weight", "base_model.model.head.lora_B.weight"]
+    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["bias"] == "none"
+
+
+def test_mark_only_lora_as_trainable_records_the_bias_mode(tmp_path):
+    model = lt.TinyAdapter(seed=0)
+    lt.mark_only_lora_as_trainable(model, bias="lora_only")
+    model.requires_grad_(False)
+    lt.save_adapter(model, tmp_path)
+    assert "base_model.model.head.base_layer.bias" in load_file(str(tmp_path / ADAPTER_WEIGHTS))
 
 
 def test_save_adapter_errors(tmp_path):
@@ -186,6 +215,9 @@ def test_load_adapter_trained_in_peft(setup, tmp_path):
         torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=0)
 
 
+A_KEY, B_KEY = "base_model.model.head.lora_A.weight", "base_model.model.head.lora_B.weight"
+
+
 def corrupt(src, dst, tensors=None, config=None):
     dst.mkdir()
     data = load_file(str(src / ADAPTER_WEIGHTS))
@@ -194,7 +226,7 @@ def corrupt(src, dst, tensors=None, config=None):
         data = tensors(data)
     if config:
         cfg = config(cfg)
-    save_file(data, str(dst / ADAPTER_WEIGHTS))
+    save_file({k: v.contiguous() for k, v in data.items()}, str(dst / ADAPTER_WEIGHTS))
     (dst / ADAPTER_CONFIG).write_text(json.dumps(cfg))
     return dst
 
@@ -215,17 +247,41 @@ BAD = {
     "mismatched tensor": (dict(tensors=lambda t: edit(t, **{"base_model.model.head.lora_A.weight": torch.zeros(8, 255)})),
                           r"lora_A.weight has shape \(8, 255\), the model expects \(8, 256\)"),
     "non-finite tensor": (dict(tensors=lambda t: edit(t, **{"base_model.model.head.lora_B.weight": torch.full((16, 8), float("nan"))})),
-                          r"lora_B.weight holds non-finite values"),
+                          r"lora_B.weight holds 128 value\(s\) that are not finite"),
     "wrong rank": (dict(tensors=lambda t: edit(t, **{"base_model.model.head.lora_A.weight": torch.zeros(4, 256),
                                                      "base_model.model.head.lora_B.weight": torch.zeros(16, 4)}),
                         config=lambda c: edit(c, r=4)), r"r=4 in adapter_config.json, but the LoRALinear at 'head' has r=8"),
     "unknown module": (dict(tensors=lambda t: edit(t, **{"base_model.model.neck.lora_A.weight": torch.zeros(8, 256)})),
-                       r"base_model.model.neck.lora_A.weight: the model has no LoRALinear .* \('neck'\)"),
+                       r"base_model.model.neck.lora_A.weight: the model has no LoRALinear, .* at this path \('neck'\)"),
     "DoRA": (dict(config=lambda c: edit(c, use_dora=True)), r"use_dora=True is a feature this library cannot honour"),
     "PiSSA init": (dict(config=lambda c: edit(c, init_lora_weights="pissa")), r"init_lora_weights='pissa' is not supported"),
     "rank pattern": (dict(config=lambda c: edit(c, rank_pattern={"head": 4})), r"rank_pattern=\{'head': 4\} is a feature"),
     "not LoRA": (dict(config=lambda c: edit(c, peft_type="IA3")), r"peft_type must be 'LORA', got 'IA3'"),
-    "bad alpha": (dict(config=lambda c: edit(c, lora_alpha=-1)), r"alpha must be a positive finite number, got -1"),
+    "bad alpha": (dict(config=lambda c: edit(c, lora_alpha=-1)), r"lora_alpha must be a positive finite number, got -1"),
+    # issue 10, item 4: integer and boolean tensors are refused, not cast
+    "integer tensor": (dict(tensors=lambda t: edit(t, **{A_KEY: torch.ones(8, 256, dtype=torch.int64)})),
+                       r"lora_A.weight holds torch.int64 values; .* only floating-point"),
+    "boolean tensor": (dict(tensors=lambda t: edit(t, **{B_KEY: torch.zeros(16, 8, dtype=torch.bool)})),
+                       r"lora_B.weight holds torch.bool values"),
+    "1e300 from fp64": (dict(tensors=lambda t: edit(t, **{A_KEY: t[A_KEY].double().index_fill(1, torch.tensor([3]), 1e300)})),
+                        r"lora_A.weight holds 8 value\(s\) that are not finite in the model's torch.float32"),
+    # issue 10, item 6: JSON types and ranges
+    "rslora as a string": (dict(config=lambda c: edit(c, use_rslora="false")), r"use_rslora must be true or false, got 'false'"),
+    "alpha as a bool": (dict(config=lambda c: edit(c, lora_alpha=True)), r"lora_alpha must be a JSON number, got True"),
+    "alpha as a string": (dict(config=lambda c: edit(c, lora_alpha="4")), r"lora_alpha must be a JSON number, got '4'"),
+    "alpha too large for fp32": (dict(config=lambda c: edit(c, lora_alpha=1e39)), r"lora_alpha=1e\+39 is not finite in torch.float32"),
+    "alpha NaN": (dict(config=lambda c: edit(c, lora_alpha=float("nan"))), r"lora_alpha must be a positive finite number, got nan"),
+    "r as a float": (dict(config=lambda c: edit(c, r=8.0)), r"r must be a positive integer, got 8.0"),
+    "r as a bool": (dict(config=lambda c: edit(c, r=True)), r"r must be a positive integer, got True"),
+    "dropout as a string": (dict(config=lambda c: edit(c, lora_dropout="0.1")), r"lora_dropout must be a JSON number"),
+    "dropout 1": (dict(config=lambda c: edit(c, lora_dropout=1.0)), r"lora_dropout must be in \[0, 1\), got 1.0"),
+    "bias not a mode": (dict(config=lambda c: edit(c, bias="no")), r"bias must be one of \['none', 'all', 'lora_only'\], got 'no'"),
+    "init as an int": (dict(config=lambda c: edit(c, init_lora_weights=1)), r"init_lora_weights=1 is not supported"),
+    "modules_to_save as a string": (dict(config=lambda c: edit(c, modules_to_save="classifier")),
+                                    r"modules_to_save must be null or a list of module names, got 'classifier'"),
+    "update overflows": (dict(tensors=lambda t: edit(t, **{A_KEY: torch.full((8, 256), 1e20), B_KEY: torch.full((16, 8), 1e20)})),
+                         r"the update scaling \* B @ A of 'head' would have 4096 non-finite value\(s\) in torch.float32"),
+    "config not an object": (dict(config=lambda c: [c]), r"must hold a JSON object"),
 }
 
 
@@ -241,6 +297,38 @@ def test_bad_adapter_directories_fail_clearly_and_change_nothing(setup, tmp_path
         lt.load_adapter(target, bad)
     assert same_state(before, state(target))
     assert target.head.scaling == model.head.scaling
+
+
+def test_finiteness_is_checked_after_casting_to_the_models_dtype(tmp_path):
+    """Issue 10, item 4: an fp32 value above fp16's maximum (65504) would load as inf."""
+    def adapted(dtype):
+        return lt.add_lora(nn.Sequential(nn.Linear(8, 4)).to(dtype), ["0"], r=2, seed=0)
+
+    source = adapted(torch.float32)
+    with torch.no_grad():
+        source[0].lora_B.fill_(1e5)  # finite in fp32
+    lt.save_adapter(source, tmp_path)
+    target = adapted(torch.float16)
+    before = state(target)
+    with pytest.raises(AdapterFormatError, match=r"lora_B.weight holds 8 value\(s\) that are not finite in the model's torch.float16"):
+        lt.load_adapter(target, tmp_path)
+    assert same_state(before, state(target))
+    with torch.no_grad():
+        source[0].lora_B.fill_(1e3)
+    lt.save_adapter(source, tmp_path)
+    lt.load_adapter(target, tmp_path)  # fits fp16: loads, cast
+    assert target[0].lora_B.dtype == torch.float16 and torch.all(target[0].lora_B == 1000)
+
+
+def test_refused_alpha_leaves_rslora_and_everything_else_unchanged(setup, tmp_path):
+    """Issue 10, item 6: "use_rslora": "false" used to turn rsLoRA on."""
+    _, model = setup
+    good = lt.save_adapter(model, tmp_path / "good")
+    bad = corrupt(good, tmp_path / "bad", config=lambda c: edit(c, use_rslora="false", lora_alpha=32))
+    target = copy.deepcopy(model)
+    with pytest.raises(AdapterFormatError, match="use_rslora must be true or false"):
+        lt.load_adapter(target, bad)
+    assert (target.head.rslora, target.head.alpha) == (False, 16.0)
 
 
 def test_load_adapter_never_unpickles(setup, tmp_path):
@@ -274,7 +362,7 @@ def test_transformer_counts_and_outputs_match_peft(tmp_path):
                                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32)
     with lt.isolated_rng(0):
         base = transformers.LlamaForCausalLM(config).eval()
-    ours = lt.add_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, alpha=8.0, generator=gen(1))
+    ours = lt.add_lora(copy.deepcopy(base), ["q_proj", "v_proj"], r=4, alpha=8.0, seed=1)
     theirs = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
     trainable, total = theirs.get_nb_trainable_parameters()
     assert (lt.count_parameters(ours).trainable, lt.count_parameters(ours).total) == (trainable, total)
