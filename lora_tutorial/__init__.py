@@ -43,7 +43,7 @@ from .efficiency import (
     optimizer_state_bytes,
 )
 from .frozen_features import FeatureStats, LowRankFit, best_low_rank_update, fit_lora_on_stats
-from .inject import add_lora, lora_layers, unload_lora
+from .inject import add_lora, lora_layers, recorded_bias, saved_modules, unload_lora
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
 from .models import TinyAdapter
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
@@ -89,8 +89,10 @@ __all__ = [
     "ParamCount",
     "pretrain",
     "pretrained_tiny_adapter",
+    "recorded_bias",
     "relative_update_norm",
     "save_adapter",
+    "saved_modules",
     "singular_values",
     "source_setup",
     "synth_data",
