@@ -1,0 +1,294 @@
+"""A small character-level GPT-2 and two corpora that ship inside pinned packages.
+
+The last chapter adapts a language model. Nothing may be downloaded, so both the
+model and its text are made here:
+
+* the **pretraining corpus** is the docstrings of NumPy's public functions (an API
+  reference: ``Parameters``, ``Returns``, ``>>> np.`` examples), read from the
+  installed ``numpy`` at run time;
+* the **fine-tuning corpus** is the descriptions of the data sets that
+  scikit-learn bundles (data-set cards: ``:Number of Instances:``, citations),
+  read from the installed ``sklearn`` package.
+
+Both packages are pinned in ``requirements.txt``, so every machine reads the same
+text; the project copies neither into its repository. The model is
+``transformers``' ``GPT2LMHeadModel`` built from a small ``GPT2Config`` with one
+token per character. ``tools/make_gpt2_checkpoint.py`` pretrains it and ships
+the result (:data:`CHECKPOINT_PATH`); :func:`pretrained_char_gpt2` loads it.
+
+``transformers`` is imported only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_positive_int
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import GPT2LMHeadModel
+
+__all__ = [
+    "CHECKPOINT_PATH",
+    "CharTokenizer",
+    "Corpus",
+    "char_gpt2",
+    "generate",
+    "lm_loss",
+    "numpy_docstrings",
+    "pretrain_char_gpt2",
+    "pretrained_char_gpt2",
+    "random_batch",
+    "sklearn_dataset_cards",
+]
+
+#: The shipped pretrained model (written by ``tools/make_gpt2_checkpoint.py``).
+CHECKPOINT_PATH = Path(__file__).parent / "checkpoints" / "char_gpt2_numpy.safetensors"
+
+#: The model's shape: small enough to pretrain in about a minute on a CPU.
+MODEL_SHAPE = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
+
+#: The pretraining recipe that ``tools/make_gpt2_checkpoint.py`` runs.
+PRETRAIN = {"steps": 1500, "batch_size": 32, "lr": 3e-3, "seed": 0}
+
+
+class CharTokenizer:
+    """One token per character: printable ASCII and the newline; anything else is ``?``.
+
+    ``encode`` maps a string of length ``n`` to a ``(n,)`` long tensor,
+    ``decode`` maps it back.
+    """
+
+    def __init__(self) -> None:
+        self.chars = "\n" + "".join(c for c in string.printable if c.isprintable())
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.unknown = self.index["?"]
+
+    @property
+    def vocab_size(self) -> int:
+        """How many tokens there are (96)."""
+        return len(self.chars)
+
+    def clean(self, text: str) -> str:
+        """``text`` with every character the vocabulary lacks replaced by ``?``."""
+        return "".join(c if c in self.index else "?" for c in text)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """``text`` of length ``n`` → token ids of shape ``(n,)``."""
+        return torch.tensor([self.index.get(c, self.unknown) for c in text], dtype=torch.long)
+
+    def decode(self, ids: torch.Tensor) -> str:
+        """Token ids of shape ``(n,)`` → a string of length ``n``."""
+        return "".join(self.chars[i] for i in ids.tolist())
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text cut into training and validation token streams.
+
+    Attributes:
+        name: what the text is.
+        text: the cleaned text.
+        train: token ids of the first 90%, shape ``(n_train,)``.
+        val: token ids of the last 10%, shape ``(n_val,)``.
+    """
+
+    name: str
+    text: str
+    train: torch.Tensor
+    val: torch.Tensor
+
+    @classmethod
+    def from_text(cls, name: str, text: str, tokenizer: CharTokenizer) -> "Corpus":
+        text = tokenizer.clean(text)
+        ids = tokenizer.encode(text)
+        cut = int(0.9 * len(ids))
+        return cls(name, text, ids[:cut], ids[cut:])
+
+
+def numpy_docstrings(tokenizer: CharTokenizer, max_chars: int = 300_000) -> Corpus:
+    """The docstrings of NumPy's public callables, sorted by name, up to ``max_chars``."""
+    import numpy as np
+
+    check_positive_int("max_chars", max_chars)
+    docs = []
+    for name in sorted(n for n in dir(np) if not n.startswith("_")):
+        doc = inspect.getdoc(getattr(np, name)) if callable(getattr(np, name)) else None
+        if doc:
+            docs.append(doc)
+    return Corpus.from_text(f"NumPy {np.__version__} docstrings", "\n\n".join(docs)[:max_chars], tokenizer)
+
+
+def sklearn_dataset_cards(tokenizer: CharTokenizer) -> Corpus:
+    """The descriptions of scikit-learn's bundled data sets (``datasets/descr/*.rst``)."""
+    import sklearn
+
+    folder = Path(sklearn.__file__).parent / "datasets" / "descr"
+    text = "\n\n".join(path.read_text(encoding="utf-8") for path in sorted(folder.glob("*.rst")))
+    return Corpus.from_text(f"scikit-learn {sklearn.__version__} data-set descriptions", text, tokenizer)
+
+
+def char_gpt2(vocab_size: int, seed: int = 0) -> "GPT2LMHeadModel":
+    """A fresh GPT-2 of :data:`MODEL_SHAPE` with ``vocab_size`` tokens and no dropout.
+
+    Its weights are drawn inside a forked RNG seeded with ``seed`` (transformers
+    initialises from PyTorch's global RNG), so the caller's RNG is untouched.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(
+        vocab_size=check_positive_int("vocab_size", vocab_size),
+        bos_token_id=0,
+        eos_token_id=0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **MODEL_SHAPE,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GPT2LMHeadModel(config)
+
+
+def random_batch(ids: torch.Tensor, batch_size: int, length: int, generator: torch.Generator) -> torch.Tensor:
+    """``batch_size`` windows of ``length + 1`` tokens from ``ids`` at random offsets.
+
+    Returns a ``(batch_size, length + 1)`` tensor: inputs are ``[:, :-1]``,
+    next-token targets ``[:, 1:]``.
+    """
+    starts = torch.randint(0, len(ids) - length - 1, (batch_size,), generator=generator)
+    return torch.stack([ids[s : s + length + 1] for s in starts.tolist()])
+
+
+def lm_loss(model: "GPT2LMHeadModel", batch: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats per character) of a ``(b, t + 1)`` batch."""
+    logits = model(batch[:, :-1]).logits
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+@torch.no_grad()
+def eval_loss(model: "GPT2LMHeadModel", ids: torch.Tensor, length: int | None = None) -> float:
+    """Next-token loss over ``ids`` cut into consecutive windows (eval mode, restored)."""
+    length = length or model.config.n_positions
+    n = (len(ids) - 1) // length
+    batch = torch.stack([ids[i * length : i * length + length + 1] for i in range(n)])
+    was_training = model.training
+    model.eval()
+    try:
+        return lm_loss(model, batch).item()
+    finally:
+        model.train(was_training)
+
+
+def pretrain_char_gpt2(
+    corpus: Corpus,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int = 0,
+    stop_after: int | None = None,
+) -> tuple["GPT2LMHeadModel", list[float]]:
+    """Pretrain a fresh :func:`char_gpt2` on ``corpus.train`` with AdamW.
+
+    Batches are drawn from a generator seeded with ``seed``; the learning rate
+    decays linearly to zero. It runs on one CPU thread, so that every machine
+    computes the same losses bit for bit. Returns the model and the loss of
+    every step. ``stop_after`` ends the run early, on the same schedule (the
+    test that the recipe still reproduces the shipped model uses it).
+    """
+    steps = check_positive_int("steps", steps)
+    run = steps if stop_after is None else min(steps, check_positive_int("stop_after", stop_after))
+    model = char_gpt2(CharTokenizer().vocab_size, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    length = model.config.n_positions
+    history = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model.train()
+        for _ in range(run):
+            batch = random_batch(corpus.train, batch_size, length, generator)
+            loss = lm_loss(model, batch)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            history.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), history
+
+
+def write_checkpoint(path: Path = CHECKPOINT_PATH) -> list[float]:
+    """Pretrain by :data:`PRETRAIN` on the NumPy corpus and save the model to ``path``.
+
+    The weights are stored in float16 (the file stays well under 1 MB); the first
+    losses of the run are stored in the file's metadata, so a test can check that
+    the recipe still reproduces them exactly.
+    """
+    from safetensors.torch import save_file
+
+    tokenizer = CharTokenizer()
+    model, history = pretrain_char_gpt2(numpy_docstrings(tokenizer), **PRETRAIN)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
+             if not k.endswith("attn.bias") and k != "lm_head.weight"}
+    meta = {"recipe": json.dumps(PRETRAIN), "first_losses": json.dumps(history[:20])}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=meta)
+    return history
+
+
+def pretrained_char_gpt2() -> tuple[CharTokenizer, "GPT2LMHeadModel"]:
+    """The shipped pretrained model (float32, eval mode) and its tokenizer."""
+    from safetensors.torch import load_file
+
+    tokenizer = CharTokenizer()
+    model = char_gpt2(tokenizer.vocab_size)
+    state = {k: v.float() for k, v in load_file(str(CHECKPOINT_PATH)).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all(k.endswith("attn.bias") or k == "lm_head.weight" for k in missing)
+    model.tie_weights()
+    return tokenizer, model.eval()
+
+
+@torch.no_grad()
+def generate(
+    model: "GPT2LMHeadModel",
+    tokenizer: CharTokenizer,
+    prompt: str,
+    n_chars: int,
+    *,
+    temperature: float = 0.7,
+    seed: int = 0,
+) -> str:
+    """Sample ``n_chars`` characters after ``prompt``, one at a time (eval mode).
+
+    Each character is drawn from ``softmax(logits / temperature)`` with a
+    generator seeded by ``seed``, so the same model and seed always give the
+    same text. (Greedy decoding makes a model this small repeat itself.)
+    """
+    ids = tokenizer.encode(prompt)[None]
+    window = model.config.n_positions
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(check_positive_int("n_chars", n_chars)):
+            logits = model(ids[:, -window:]).logits[0, -1]
+            probs = torch.softmax(logits / temperature, dim=-1)
+            next_id = torch.multinomial(probs, 1, generator=generator)
+            ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(ids[0, -n_chars:])

@@ -1,0 +1,21 @@
+"""Rewrite the shipped character-level GPT-2, lora_tutorial/checkpoints/char_gpt2_numpy.safetensors.
+
+It pretrains `lora_tutorial.charlm.char_gpt2` on the docstrings of the installed
+NumPy by the recipe `lora_tutorial.charlm.PRETRAIN` (about a minute or two on one
+CPU thread) and saves it in float16 with its first losses in the file's metadata.
+`tests/unit/test_charlm.py` checks that the recipe still reproduces those losses
+exactly; run this script after changing the model, the corpus or the recipe.
+
+Usage: python tools/make_gpt2_checkpoint.py
+"""
+
+import time
+
+from lora_tutorial.charlm import CHECKPOINT_PATH, write_checkpoint
+
+if __name__ == "__main__":
+    start = time.perf_counter()
+    history = write_checkpoint()
+    size = CHECKPOINT_PATH.stat().st_size
+    print(f"wrote {CHECKPOINT_PATH.name} ({size / 1024:.0f} KiB) in {time.perf_counter() - start:.0f} s: "
+          f"loss {history[0]:.3f} -> {history[-1]:.3f} after {len(history)} steps")
