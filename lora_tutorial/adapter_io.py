@@ -211,7 +211,10 @@ def _real(key: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise AdapterFormatError(
             f"{ADAPTER_CONFIG}: {key} must be a JSON number, got {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float
+        return math.copysign(math.inf, value)
 
 
 def _boolean(config: dict[str, Any], key: str) -> bool:
