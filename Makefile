@@ -3,6 +3,13 @@
 #   make book    install everything into .venv, then build the book into _build/html
 #   make test    the same, then run every test (units, strict nbval, browser tests of the book)
 #
+# The plain commands work too (see README.md, "Working on the notebooks"):
+#   jupyter-book build .   builds the same book (needs `npm ci` once: the vendor_assets
+#                          extension in _config.yml stages the pinned JavaScript)
+#   pytest --nbval         runs every test, skipping the browser tests when the book is not
+#                          built or Chromium is missing; `make test` requires them
+#                          (LORA_BOOK_TESTS=require turns a skip into an error)
+#
 # Other targets:
 #   make notebooks   re-execute every chapter top to bottom and store its outputs
 #   make benchmark   measure speed and rewrite benchmarks/results/*.md (shown in the book's appendix)
@@ -23,18 +30,18 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	touch $@
 
-# The JavaScript the book ships so that it works offline (see tools/vendor_assets.py).
+# The JavaScript the book ships so that it works offline; every book build stages it
+# (the vendor_assets extension, tools/vendor_assets.py).
 node_modules/.installed: package.json package-lock.json
 	npm ci --ignore-scripts --no-audit --no-fund
 	touch $@
 
 book: $(VENV)/.installed node_modules/.installed
-	$(BIN)/python tools/vendor_assets.py
 	$(BIN)/jupyter-book build $(JB_FLAGS) .
 
 test: book
 	@test -x $(CHROMIUM) || { echo "The browser tests need Chromium at $(CHROMIUM): apt-get install chromium (or set CHROMIUM=...)"; exit 1; }
-	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest
+	LORA_BOOK_TESTS=require CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest
 
 notebooks: $(VENV)/.installed
 	$(BIN)/python tools/run_notebooks.py

@@ -1,7 +1,8 @@
 """The rendered book, checked the way a reader meets it: in a browser, with no network.
 
 Needs the built book (`make book`) and Debian's Chromium (`/usr/bin/chromium`, or set
-CHROMIUM). Playwright drives that browser; its own browser download is never used.
+CHROMIUM); without them a plain `pytest` skips these tests and `make test` fails (see
+conftest.py). Playwright drives that browser; its own browser download is never used.
 Every request that does not stay inside _build/html is blocked and makes the test fail.
 A screenshot of each chapter is saved under _build/screenshots/ for people to look at.
 """
@@ -16,19 +17,24 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 from playwright.sync_api import sync_playwright
 
 ROOT = Path(__file__).resolve().parents[2]
 HTML = ROOT / "_build" / "html"
 SHOTS = ROOT / "_build" / "screenshots"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
-CHAPTERS = [
-    "notebooks/01_naive_lora.html",
-    "notebooks/02_scaled_zero_init.html",
-    "notebooks/03_pretrain_finetune_merge.html",
-    "notebooks/04_parameter_efficiency.html",
-    "notebooks/06_from_scratch_to_peft.html",
-]
+
+
+def toc_chapters() -> list[str]:
+    """The chapter pages, in the book's order: every notebooks/ entry of _toc.yml."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [entry["file"] for part in toc["parts"] for entry in part["chapters"]]
+    stems = [file.removesuffix(".ipynb").removesuffix(".md") for file in files]
+    return [f"{stem}.html" for stem in stems if stem.startswith("notebooks/")]
+
+
+CHAPTERS = toc_chapters()
 PAGES = ["book/intro.html", *CHAPTERS, "book/api.html", "book/benchmarks.html", "book/bibliography.html",
          "genindex.html", "py-modindex.html"]
 # Pages checked on their own: the root redirect, and the search page (no <article>; it needs a query).
@@ -245,3 +251,67 @@ def test_screenshot(loaded, rel):
     path = SHOTS / (Path(rel).stem + ".png")
     page.screenshot(path=str(path), full_page=True)
     assert path.stat().st_size > 10_000
+
+
+# What a reader reads as code: cell inputs and outputs, and any other code or literal block.
+BLOCKS = ("article .cell_input, article .cell_output, article .output, article pre, "
+          "article div.highlight, article .literal-block")
+OVERFLOWING = """(selector) => Array.from(document.querySelectorAll(selector))
+    .filter(el => el.getClientRects().length > 0 && el.scrollWidth > el.clientWidth)
+    .map(el => [el.innerText.trim().replace(/\\s+/g, ' ').slice(0, 50), el.scrollWidth, el.clientWidth,
+                Math.max(...el.innerText.split('\\n').map(line => line.length))])"""
+CHARS_PER_LINE = 80  # the house rule: code and output lines of at most 80 characters
+
+
+def unfold_everything(page) -> None:
+    """Open every folded solution and dropdown, as a reader who reads them all does."""
+    for button in page.locator("article .toggle-hidden .toggle-button, article button.toggle-button").all():
+        if button.evaluate("b => !!b.closest('.toggle-hidden')"):
+            button.click()
+    page.evaluate("() => document.querySelectorAll('article details').forEach(d => { d.open = true; })")
+    page.wait_for_function("() => !document.querySelector('article .toggle-hidden')", timeout=5_000)
+
+
+@pytest.mark.parametrize("rel", CHAPTERS)
+def test_no_code_or_output_block_scrolls_sideways(browser, rel):
+    """No code cell, output or other code block is wider than the page at a 1280-px window.
+
+    Measured at 1280 px in Debian's Chromium (DejaVu Sans Mono): a code block in the main
+    column holds 83 monospace characters, one inside an unfolded exercise solution 80
+    (book/css/code-width.css sets the 13-px code font; the theme's 14 px held 77 and 69).
+    So the house rule, at most 80 characters per code or output line, keeps every block
+    on screen; test_code_blocks_hold_80_characters keeps these numbers honest.
+    """
+    reader = Reader(browser, rel)  # a fresh page: this test unfolds the solutions
+    unfold_everything(reader.page)
+    wide = reader.page.evaluate(OVERFLOWING, BLOCKS)
+    reader.close()
+    if wide:
+        pytest.fail(f"{len(wide)} code or output blocks on {rel} scroll sideways at 1280 px:\n" + "\n".join(
+            f"  {rel}: {text!r}... is {scroll} px wide in {client} px (longest line {chars} characters)"
+            for text, scroll, client, chars in wide
+        ), pytrace=False)
+
+
+def test_code_blocks_hold_80_characters(browser):
+    """The numbers quoted in the overflow test's docstring: lines that long need no scrolling."""
+    reader = Reader(browser, CHAPTERS[0])  # a fresh page: this test unfolds the solutions
+    unfold_everything(reader.page)
+    fits = {
+        where: reader.page.evaluate(
+            """([selector, n]) => {
+                const pre = document.querySelector(selector);
+                const line = pre.cloneNode(false);  // the same styles, no content
+                line.textContent = 'x'.repeat(n);
+                pre.parentElement.appendChild(line);
+                const fits = line.getClientRects().length > 0 && line.scrollWidth <= line.clientWidth;
+                line.remove();
+                return fits;
+            }""",
+            [selector, chars],
+        )
+        for where, selector, chars in [("main column, 83", "article .cell:not(.admonition *) .cell_input pre", 83),
+                                       ("solution, 80", "article .solution .cell_input pre", CHARS_PER_LINE)]
+    }
+    reader.close()
+    assert fits == {"main column, 83": True, "solution, 80": True}
