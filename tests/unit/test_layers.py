@@ -1,5 +1,6 @@
 """LoRALayer (chapter 1) and LoRALinear: maths, initialisation, merging, errors."""
 
+import copy
 import math
 
 import pytest
@@ -292,3 +293,221 @@ def test_bad_arguments_leave_the_generator_untouched():
     with pytest.raises(ValueError):
         LoRALinear(8, 4, r=0, seed=g)
     assert torch.equal(g.get_state(), state)
+
+
+# ------------------------------------------------- dropout_p, alpha, rslora
+def test_dropout_p_is_readable_and_settable():
+    layer = LoRALinear(8, 4, dropout=0.1).eval()
+    assert layer.dropout_p == 0.1 and isinstance(layer.dropout, nn.Dropout)
+    layer.dropout_p = 0.0
+    assert layer.dropout_p == 0.0 and isinstance(layer.dropout, nn.Identity)
+    layer.dropout_p = 0.3
+    assert layer.dropout_p == 0.3 and not layer.dropout.training  # follows the layer's mode
+    with pytest.raises(ValueError, match=r"dropout must be a number in \[0, 1\), got 1.0"):
+        layer.dropout_p = 1.0
+    assert layer.dropout_p == 0.3
+
+
+def test_alpha_and_rslora_are_validated_where_they_are_stored():
+    layer = LoRALinear(8, 4, r=4, alpha=8.0)
+    layer.alpha, layer.rslora = 4.0, True
+    assert layer.scaling == 2.0
+    with pytest.raises(ValueError, match="alpha must be a positive finite number, got -1"):
+        layer.alpha = -1
+    with pytest.raises(TypeError, match="rslora must be True or False, got 'no'"):
+        layer.rslora = "no"
+    assert (layer.alpha, layer.rslora) == (4.0, True)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rslora="no"), "rslora must be True or False, got 'no'"),
+    (dict(bias="no"), "bias must be True or False, got 'no'"),
+    (dict(seed=1.5), "seed must be an int or a torch.Generator, got 1.5"),
+    (dict(seed="0"), "seed must be an int or a torch.Generator, got '0'"),
+])
+def test_wrong_kinds_are_type_errors_naming_the_argument(kwargs, message):
+    # Before: rslora="no" and bias="no" were read with bool() and turned the option on.
+    with pytest.raises(TypeError, match=message):
+        LoRALinear(8, 4, **kwargs)
+
+
+def test_bad_arguments_leave_the_generator_untouched_even_late_ones():
+    g = gen(0)
+    state = g.get_state()
+    for kwargs in (dict(dropout=1.0), dict(rslora=1), dict(init_scale=-1.0), dict(bias=None)):
+        with pytest.raises((TypeError, ValueError)):
+            LoRALinear(8, 4, seed=g, **kwargs)
+    with pytest.raises(ValueError):
+        LoRALayer(8, 4, rank=0, seed=g)
+    assert torch.equal(g.get_state(), state)
+
+
+# ------------------------------------------------------- issue 10, item 1
+def test_a_merged_state_dict_reloads_to_the_same_outputs():
+    # Before: the state dict did not say the layer was merged; a fresh layer loading it
+    # computed W0 + 2 dW, and merging it again added the update twice.
+    layer = trained_like_layer().eval()
+    x = torch.randn(8, 48, generator=gen(1))
+    expected = layer(x)
+    w0 = layer.base.weight.clone()
+    layer.merge_weights_()
+    state = layer.state_dict()
+    assert {"merged_lora_A", "merged_lora_B"} <= set(state)
+    fresh = LoRALinear(48, 12, r=4, alpha=8.0, dropout=0.1).eval()
+    fresh.load_state_dict(state)  # strict
+    assert fresh.merged
+    torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=0)
+    fresh.merge_weights_()  # already merged: nothing is added twice
+    torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=0)
+    fresh.unmerge_weights_()
+    torch.testing.assert_close(fresh.base.weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(fresh(x), expected, atol=1e-5, rtol=0)
+
+
+def test_unmerged_state_dicts_keep_their_keys_and_load_into_merged_layers():
+    layer = trained_like_layer().eval()
+    unmerged_state = copy.deepcopy(layer.state_dict())
+    assert set(unmerged_state) == {"lora_A", "lora_B", "base.weight", "base.bias"}
+    x = torch.randn(8, 48, generator=gen(1))
+    expected = layer(x)
+    layer.merge_weights_()
+    layer.load_state_dict(unmerged_state)  # an unmerged state: the layer is unmerged after it
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), expected)
+    # Loading only the adapter's tensors (strict=False) leaves the merge as it is.
+    layer.merge_weights_()
+    layer.load_state_dict({"lora_B": torch.zeros(12, 4)}, strict=False)
+    assert layer.merged
+    torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------- issue 10, item 2
+def test_unmerge_restores_w0_whatever_happened_to_the_adapter_while_merged():
+    # Before: unmerge subtracted the *current* update, so changing lora_A, lora_B
+    # (by hand, load_state_dict or an optimiser step) while merged corrupted W0.
+    layer = trained_like_layer().eval()
+    w0 = layer.base.weight.clone()
+    layer.merge_weights_()
+    with torch.no_grad():
+        layer.lora_B.mul_(5.0)
+        layer.lora_A.add_(1.0)
+    layer.load_state_dict({"lora_A": torch.ones(4, 48)}, strict=False)
+    layer.unmerge_weights_()
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=0)
+    assert torch.equal(layer.lora_A, torch.ones(4, 48))  # the change itself is kept
+
+
+def test_an_optimiser_step_with_stale_gradients_while_merged_does_not_corrupt_w0():
+    layer = trained_like_layer().train()
+    w0 = layer.base.weight.clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(torch.randn(4, 48, generator=gen(1))).sum().backward()
+    layer.eval().merge_weights_()
+    opt.step()  # stale gradients move lora_A, lora_B while merged
+    layer.unmerge_weights_()
+    torch.testing.assert_close(layer.base.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_alpha_and_rslora_cannot_change_while_merged():
+    layer = trained_like_layer()
+    layer.merge_weights_()
+    with pytest.raises(RuntimeError, match="cannot change alpha of a merged LoRALinear"):
+        layer.alpha = 1.0
+    with pytest.raises(RuntimeError, match="cannot change rslora"):
+        layer.rslora = True
+    with pytest.raises(RuntimeError, match="cannot reset the adapter"):
+        layer.reset_lora_parameters()
+    assert (layer.alpha, layer.rslora) == (8.0, False)
+
+
+# ------------------------------------------------------- issue 10, item 3
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_merge_refuses_an_overflowing_sum_and_leaves_the_weights_untouched(dtype):
+    # Before: a finite delta whose sum with W0 overflows "merged" into inf and W0 was lost.
+    big = torch.finfo(dtype).max * 0.75
+    linear = nn.Linear(4, 2).to(dtype)
+    with torch.no_grad():
+        linear.weight.fill_(big)
+    layer = LoRALinear.from_linear(linear, r=1, alpha=1.0)
+    with torch.no_grad():
+        layer.lora_A.fill_(1.0)
+        layer.lora_B.fill_(big)
+    assert torch.isfinite(layer.delta_weight()).all()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match=r"8 non-finite value\(s\).*overflow"):
+        layer.merge_weights_()
+    assert not layer.merged
+    assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
+
+
+# --------------------------------------------- GPT-2's Conv1D and subclasses
+def conv1d_layer(n_in=6, n_out=10):
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(n_out, n_in)  # weight (in, out); computes x @ W + b
+    with torch.no_grad():
+        conv.weight.normal_(generator=gen(1))
+        conv.bias.normal_(generator=gen(2))
+    return conv
+
+
+def test_from_linear_adapts_gpt2_conv1d():
+    conv = conv1d_layer()
+    x = torch.randn(3, 5, 6, generator=gen(3))
+    before = conv(x)
+    layer = LoRALinear.from_linear(conv, r=2, alpha=4.0, seed=gen())
+    assert layer.base is conv and layer.fan_in_fan_out
+    assert (layer.in_features, layer.out_features) == (6, 10)
+    assert layer.lora_A.shape == (2, 6) and layer.lora_B.shape == (10, 2)
+    assert torch.equal(layer(x), before)
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=gen(4))
+    layer.eval()
+    adapted = layer(x)
+    torch.testing.assert_close(adapted, before + x @ layer.delta_weight().T)
+    w0 = conv.weight.clone()
+    layer.merge_weights_()
+    torch.testing.assert_close(layer(x), adapted, atol=1e-5, rtol=0)
+    layer.unmerge_weights_()
+    torch.testing.assert_close(conv.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_conv1d_layer_equals_peft_with_the_same_factors():
+    from peft import LoraConfig, get_peft_model
+
+    conv = conv1d_layer()
+    ours = LoRALinear.from_linear(copy.deepcopy(conv), r=2, alpha=4.0, seed=gen())
+    with torch.no_grad():
+        ours.lora_B.normal_(generator=gen(4))
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True)
+    theirs = get_peft_model(nn.ModuleDict({"c_attn": copy.deepcopy(conv)}), config)
+    peft_layer = theirs.base_model.model["c_attn"]
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A)
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(4, 6, generator=gen(3))
+    torch.testing.assert_close(ours.eval()(x), peft_layer.eval()(x))
+    ours.merge_weights_()
+    peft_layer.merge()
+    torch.testing.assert_close(ours.base.weight, peft_layer.base_layer.weight)
+
+
+def test_from_linear_accepts_nn_linear_subclasses():
+    attention = nn.MultiheadAttention(8, 2)
+    layer = LoRALinear.from_linear(attention.out_proj, r=2)
+    assert layer.base is attention.out_proj and not layer.fan_in_fan_out
+    assert (layer.in_features, layer.out_features) == (8, 8)
+
+
+def test_importing_the_library_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, lora_tutorial; print('transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+def test_base_of_the_wrong_size_is_refused():
+    with pytest.raises(ValueError, match="base maps 5 to 3 features, but in_features=4"):
+        LoRALinear(4, 3, base=nn.Linear(5, 3))

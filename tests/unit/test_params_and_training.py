@@ -156,3 +156,97 @@ def test_default_device_asks_each_backend_about_itself(monkeypatch):
     assert default_device().type == "mps"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert default_device().type == "cpu"
+
+
+# ------------------------------------------- issue 10: inputs and modes
+def test_train_and_evaluate_refuse_predictions_of_another_shape():
+    # Before: targets (n, 1) against predictions (n, 4) broadcast into a meaningless loss.
+    x = torch.randn(32, 6, generator=gen(1))
+    model = nn.Linear(6, 4)
+    before = copy.deepcopy(model.state_dict())
+    for call in (lambda: train(model, x, x[:, :1], steps=1, lr=0.1), lambda: evaluate(model, x, x[:, :1])):
+        with pytest.raises(ValueError, match=r"predictions have shape \(32, 4\) but y has shape \(32, 1\)"):
+            call()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # A loss of one's own may compare other shapes (class indices, for example).
+    labels = torch.randint(0, 4, (32,), generator=gen(2))
+    assert evaluate(model, x, labels, loss_fn=nn.functional.cross_entropy) > 0
+
+
+def test_train_and_evaluate_say_empty_and_nan_in_the_data():
+    # Before: evaluate on empty data returned nan; NaN data told you to lower the learning rate.
+    model = nn.Linear(3, 2)
+    empty_x, empty_y = torch.empty(0, 3), torch.empty(0, 2)
+    with pytest.raises(ValueError, match="x is empty"):
+        evaluate(model, empty_x, empty_y)
+    with pytest.raises(ValueError, match="x is empty"):
+        train(model, empty_x, empty_y, steps=1, lr=0.1)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    y[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf in the data: y"):
+        train(model, x, y, steps=1, lr=0.1)
+    with pytest.raises(ValueError, match="NaN or inf in the data: y"):
+        evaluate(model, x, y)
+
+
+def frozen_batchnorm_model():
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    model.train()
+    model[1].eval()  # the user freezes the BatchNorm (its statistics stay as they are)
+    model[1].requires_grad_(False)
+    return model
+
+
+def test_train_keeps_a_frozen_batchnorm_in_eval_mode_and_its_statistics():
+    # Before: train() called model.train(), updating the frozen BatchNorm's running statistics,
+    # and restored only the top-level mode.
+    model = frozen_batchnorm_model()
+    stats = (model[1].running_mean.clone(), model[1].running_var.clone())
+    x, y = torch.randn(16, 4, generator=gen(1)), torch.randn(16, 2, generator=gen(2))
+    train(model, x, y, steps=5, lr=0.01)
+    assert torch.equal(model[1].running_mean, stats[0]) and torch.equal(model[1].running_var, stats[1])
+    assert [m.training for m in model] == [True, False, True]
+
+
+@pytest.mark.parametrize("top_level_training", [True, False])
+def test_train_and_evaluate_restore_every_submodules_mode(top_level_training):
+    model = frozen_batchnorm_model()
+    model.training = top_level_training
+    modes = [m.training for m in model.modules()]
+    x, y = torch.randn(16, 4, generator=gen(1)), torch.randn(16, 2, generator=gen(2))
+    train(model, x, y, steps=2, lr=0.01)
+    assert [m.training for m in model.modules()] == modes
+    evaluate(model, x, y)
+    evaluate(model, x, y, train_mode=True)
+    assert [m.training for m in model.modules()] == modes
+
+
+def test_wrong_kinds_are_type_errors_naming_the_argument():
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        count_parameters("model")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got dict"):
+        mark_only_lora_as_trainable({})
+    with pytest.raises(TypeError, match="seed must be an int or a torch.Generator, got 1.5"):
+        train(nn.Linear(3, 2), x, y, steps=1, lr=0.1, seed=1.5)
+    with pytest.raises(TypeError, match="seed must be an int or a torch.Generator, got '0'"):
+        TinyAdapter(seed="0")
+    with pytest.raises(TypeError, match="rslora must be True or False, got 'no'"):
+        TinyAdapter(rslora="no")
+    with pytest.raises(TypeError, match="train_mode must be True or False"):
+        evaluate(nn.Linear(3, 2), x, y, train_mode="no")
+
+
+def test_a_generator_seed_is_drawn_from(global_rng_untouched):
+    x, y = regression_problem()
+    layer = LoRALinear(6, 2, r=2, dropout=0.3, init="kaiming", seed=gen())
+    g1, g2 = gen(11), gen(11)
+    h1 = train(copy.deepcopy(layer), x, y, steps=5, lr=0.01, seed=g1)
+    h2 = train(copy.deepcopy(layer), x, y, steps=5, lr=0.01, seed=g2)
+    assert h1 == h2 and not torch.equal(g1.get_state(), gen(11).get_state())
+
+
+def test_mark_only_lora_as_trainable_records_the_bias_mode_on_the_model():
+    model = TinyAdapter(d_in=4, d_hidden=6, d_out=2, r=2)
+    mark_only_lora_as_trainable(model, bias="lora_only")
+    assert model.lora_bias_mode == "lora_only"
