@@ -8,8 +8,11 @@ One concept per module, all re-exported here:
 * :mod:`~lora_tutorial.params`: counting and freezing parameters.
 * :mod:`~lora_tutorial.training`: full-batch :func:`train` and :func:`evaluate`.
 * :mod:`~lora_tutorial.pretraining`: chapter 3's pretraining and its shipped checkpoint.
+* :mod:`~lora_tutorial.digits`: chapter 5's real data (scikit-learn's digits) and its MLP.
+* :mod:`~lora_tutorial.source_replay`: a faithful replay of the second source's run
+  (its own classes and loops, on the global RNG, isolated); import it explicitly.
 * :mod:`~lora_tutorial.frozen_features`: best low-rank updates and fast training on frozen features.
-* :mod:`~lora_tutorial.efficiency`: counting parameters, bytes and memory, up to GPT-3.
+* :mod:`~lora_tutorial.efficiency`: measuring optimizer state and activations.
 * :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model.
 * :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
@@ -30,18 +33,8 @@ from .data import (
     synth_data,
 )
 from .device import default_device
-from .efficiency import (
-    GPT3_175B,
-    TransformerShape,
-    adam_training_bytes,
-    adapter_parameter_count,
-    break_even_rank,
-    checkpoint_bytes,
-    format_bytes,
-    full_parameter_count,
-    lora_parameter_count,
-    optimizer_state_bytes,
-)
+from .digits import DigitsMLP, load_digit_tasks, pretrain_digits, pretrained_digits_mlp
+from .efficiency import activation_bytes, format_bytes, optimizer_state_bytes
 from .frozen_features import FeatureStats, LowRankFit, best_low_rank_update, fit_lora_on_stats
 from .inject import add_lora, lora_layers, recorded_bias, saved_modules, unload_lora
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
@@ -53,30 +46,26 @@ from .training import OPTIMIZERS, evaluate, isolated_rng, train
 __version__ = "0.1.0"
 
 __all__ = [
-    "adam_training_bytes",
+    "activation_bytes",
     "AdaptationTask",
-    "adapter_parameter_count",
     "AdapterFormatError",
     "add_lora",
     "best_low_rank_update",
     "BIAS_MODES",
-    "break_even_rank",
-    "checkpoint_bytes",
     "count_parameters",
     "create_toy_dataset",
     "default_device",
+    "DigitsMLP",
     "evaluate",
     "FeatureStats",
     "fit_lora_on_stats",
     "format_bytes",
     "forward_with_mats",
-    "full_parameter_count",
-    "GPT3_175B",
     "INIT_MODES",
     "isolated_rng",
     "load_adapter",
+    "load_digit_tasks",
     "lora_layers",
-    "lora_parameter_count",
     "LoRALayer",
     "LoRALinear",
     "LowRankFit",
@@ -88,6 +77,8 @@ __all__ = [
     "OPTIMIZERS",
     "ParamCount",
     "pretrain",
+    "pretrain_digits",
+    "pretrained_digits_mlp",
     "pretrained_tiny_adapter",
     "recorded_bias",
     "relative_update_norm",
@@ -98,6 +89,5 @@ __all__ = [
     "synth_data",
     "TinyAdapter",
     "train",
-    "TransformerShape",
     "unload_lora",
 ]

@@ -17,12 +17,13 @@ Three pieces:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +51,22 @@ __all__ = [
 #: The range of the alpha slider (2**-2 to 2**8, on a log scale).
 ALPHA_RANGE = (2.0**-2, 2.0**8)
 SCALINGS = {"α/r": False, "α/√r": True}
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with one intra-op thread, then restore the setting.
+
+    A 600-step fit on a 256 → 16 head is hundreds of tiny operations; a
+    second thread only adds hand-offs between them (and, on a busy
+    machine, waits for a free core at every one of them).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -104,7 +121,6 @@ class RankAlphaLab:
     init_scale: float = 1e-4
     seed: int = 0
     max_rank: int = 16
-    record_every: int = 5
     _cache: dict = field(default_factory=dict, repr=False)
     _best: dict = field(default_factory=dict, repr=False)
 
@@ -150,21 +166,22 @@ class RankAlphaLab:
         key = (rank, float(alpha), bool(rslora))
         if key not in self._cache:
             layer = LoRALinear.from_linear(
-                copy.deepcopy(self.base), r=rank, alpha=alpha, dropout=self.dropout,
-                init=self.init, init_scale=self.init_scale, rslora=rslora,
-                generator=torch.Generator().manual_seed(self.seed),
-            )
-            history = fit_lora_on_stats(
-                layer, self.stats, steps=self.steps, lr=self.lr, record_every=self.record_every, record="mse"
-            )
-            steps = np.array([1] + list(range(self.record_every, self.steps + 1, self.record_every)))
+                copy.deepcopy(self.base), r=rank, alpha=alpha,
+                dropout=self.dropout, init=self.init,
+                init_scale=self.init_scale, rslora=rslora, seed=self.seed)
+            layer.base.bias.requires_grad_(True)  # chapter 3 trains it too
+            with one_thread():
+                history = fit_lora_on_stats(layer, self.stats, steps=self.steps,
+                                            lr=self.lr, record="mse")
             with torch.no_grad():
-                delta = layer.delta_weight()
-                final = float(self.stats.mse(layer.base.weight + delta, layer.base.bias))
+                delta = layer.delta_weight().double()
+                weight = layer.base.weight.double() + delta
+                final = float(self.stats.mse(weight, layer.base.bias))
             self._cache[key] = ExplorerResult(
                 rank=rank, alpha=float(alpha), rslora=bool(rslora),
-                steps=steps[: len(history)], history=np.array(history), final_loss=final,
-                best_loss=self.best_loss(rank), learned_sv=singular_values(delta).numpy()[:rank],
+                steps=np.arange(1, self.steps + 1), history=np.array(history),
+                final_loss=final, best_loss=self.best_loss(rank),
+                learned_sv=singular_values(delta).numpy()[:rank],
             )
         return self._cache[key]
 
