@@ -1,8 +1,8 @@
 """The two LoRA layers of the book.
 
-* :class:`LoRALayer` is chapter 1's deliberately naive rank-4 layer: both factors
-  random, no scaling, bias left trainable. It is kept exactly that way so the
-  chapter can measure what goes wrong.
+* :class:`LoRALayer` is chapter 1's deliberately naive rank-4 layer: both
+  factors random, no scaling, bias left trainable. It is kept exactly that way
+  so the chapter can measure what goes wrong.
 * :class:`LoRALinear` is the layer the rest of the book uses: a frozen linear
   layer plus the trainable low-rank update of Hu et al. (2021),
 
@@ -49,7 +49,7 @@ def make_linear(
     *,
     seed: int | torch.Generator = 0,
 ) -> nn.Linear:
-    """An ``nn.Linear`` with PyTorch's default initialisation, drawn from ``seed``.
+    """An ``nn.Linear`` with PyTorch's default initialisation, from ``seed``.
 
     The same distributions as ``nn.Linear`` (Kaiming-uniform weight, uniform
     bias) in the same order, so ``seed=s`` gives the very weights
@@ -116,17 +116,19 @@ class LoRALayer(nn.Module):
         self.linear = make_linear(in_features, out_features, seed=gen)
         self.linear.weight.requires_grad = False
         self.linear.bias.requires_grad = not freeze_bias
-        self.lora_A = nn.Parameter(torch.randn(in_features, rank, generator=gen))
-        self.lora_B = nn.Parameter(torch.randn(rank, out_features, generator=gen))
+        self.lora_A = nn.Parameter(
+            torch.randn(in_features, rank, generator=gen))
+        self.lora_B = nn.Parameter(
+            torch.randn(rank, out_features, generator=gen))
         self.scaling = 1.0
 
     def update(self, x: torch.Tensor) -> torch.Tensor:
-        """The low-rank term ``scaling * (x @ A) @ B``: ``(..., in)`` → ``(..., out)``."""
+        """The term ``scaling * (x @ A) @ B``: ``(..., in)`` → ``(..., out)``."""
         check_last_dim("x", x, self.in_features)
         return self.scaling * (x @ self.lora_A) @ self.lora_B
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``linear(x) + scaling * (x @ A) @ B``: ``(..., in)`` → ``(..., out)``."""
+        """``linear(x) + update(x)``: ``(..., in)`` → ``(..., out)``."""
         check_last_dim("x", x, self.in_features)
         return self.linear(x) + self.update(x)
 
@@ -135,140 +137,29 @@ class LoRALayer(nn.Module):
                 f"out_features={self.out_features}, rank={self.rank}")
 
 
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable, scaled, zero-initialised update.
+class _LoRABookkeeping(nn.Module):
+    """What :class:`LoRALinear` keeps besides its maths.
 
-    ``h = W0 x + b + s B A dropout(x)`` with ``s = alpha / r`` (or
-    ``alpha / sqrt(r)`` with rsLoRA). ``lora_A`` ``(r, in_features)`` starts
-    random, ``lora_B`` ``(out_features, r)`` at zero, so a fresh layer computes
-    what its base does. ``merge_weights_`` records the update it adds into the
-    base weight (the record travels in the state dict) and
-    ``unmerge_weights_`` subtracts that record: ``W0`` comes back up to the
-    rounding of one addition and one subtraction, whatever happened to the
-    factors in between. ``alpha`` and ``rslora`` cannot change while merged.
-
-    Args:
-        in_features, out_features: sizes of the input and output samples.
-        r: rank of the update.
-        alpha: scale numerator (``scaling`` follows from alpha, r, rslora).
-        dropout: dropout probability on the adapter's input, in [0, 1);
-            readable and settable later as ``dropout_p``.
-        bias: whether the new base layer has a bias.
-        init: how ``lora_A`` starts: ``"normal"`` (N(0, init_scale²), the
-            source's), ``"kaiming"`` (uniform, a = √5, as loralib and PEFT)
-            or ``"gaussian"`` (N(0, 1/r²), PEFT's "gaussian").
-        init_scale: standard deviation of ``lora_A`` for ``init="normal"``.
-        rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
-        seed: an int or a ``torch.Generator`` for every initial value.
-        base: adapt this existing layer instead (see :meth:`from_linear`).
-
-    Shapes:
-        input ``(..., in_features)`` → output ``(..., out_features)``.
+    Validated settings (``alpha``, ``rslora``, ``dropout_p``, settable later;
+    ``alpha`` and ``rslora`` fixed while merged), switching the adapter off,
+    refusing what a merged layer cannot do, and the merged state in the state
+    dict: a merged layer holds the update it merged, ``merged_lora_B`` (the
+    scaled ``s B``) and ``merged_lora_A``, as buffers that a state dict
+    carries only while merged (so an unmerged layer's state dict has exactly
+    the keys ``lora_A``, ``lora_B``, ``base.weight`` and ``base.bias``).
     """
 
-    def __init__(self, in_features: int, out_features: int, r: int = 8,
-                 alpha: float = 16.0, dropout: float = 0.1, bias: bool = True,
-                 init: str = "normal", init_scale: float = 1e-4,
-                 rslora: bool = False, *, seed: int | torch.Generator = 0,
-                 base: nn.Module | None = None,
-                 generator: torch.Generator | None = None) -> None:  # TRANSITION
-        seed = seed if generator is None else generator  # TRANSITION
-        super().__init__()
-        self.in_features = check_positive_int("in_features", in_features)
-        self.out_features = check_positive_int("out_features", out_features)
-        self.r = check_positive_int("r", r)
-        self.init = check_choice("init", init, INIT_MODES)
-        self.init_scale = check_positive_finite("init_scale", init_scale)
-        self.register_buffer("merged_lora_A", None)  # the merged update,
-        self.register_buffer("merged_lora_B", None)  # s * B @ A, or None
-        self.alpha, self.rslora, self.dropout_p = alpha, rslora, dropout
-        gen = as_generator(seed)
-        if base is None:
-            base = make_linear(in_features, out_features, bias, seed=gen)
-        self.fan_in_fan_out = _check_base(base, in_features, out_features)
-        self.base = base.requires_grad_(False)
-        like = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_A = nn.Parameter(torch.empty(self.r, self.in_features, **like))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, self.r, **like))
-        self._adapter_enabled = True
-        self.reset_lora_parameters(seed=gen)
+    merged_lora_A: torch.Tensor | None
+    merged_lora_B: torch.Tensor | None
 
-    @classmethod
-    def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16.0,
-                    dropout: float = 0.0, init: str = "kaiming",
-                    init_scale: float = 1e-4, rslora: bool = False, *,
-                    seed: int | torch.Generator = 0,
-                    generator: torch.Generator | None = None) -> "LoRALinear":  # TRANSITION
-        """Adapt an existing, trained ``nn.Linear`` (or GPT-2 ``Conv1D``).
-
-        ``linear`` itself becomes ``base`` (kept, not copied, and frozen), so
-        the result computes exactly what ``linear`` did. PEFT's defaults.
-        """
-        seed = seed if generator is None else generator  # TRANSITION
-        (in_features, out_features), _ = _features(linear)
-        return cls(in_features, out_features, r, alpha, dropout,
-                   linear.bias is not None, init, init_scale, rslora,
-                   seed=seed, base=linear)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``W0 x + b + s B A dropout(x)``: ``(..., in)`` → ``(..., out)``."""
-        check_last_dim("x", x, self.in_features)
-        if self.merged:
-            self._refuse_training_while_merged()
-            return self.base(x)  # base.weight already holds W0 + s B A
-        out = self.base(x)  # W0 x + b
-        if self._adapter_enabled:
-            update = F.linear(F.linear(self.dropout(x), self.lora_A),
-                              self.lora_B)  # B A dropout(x)
-            out = torch.add(out, update, alpha=self.scaling)  # out + s update
-        return out
-
-    def delta_weight(self) -> torch.Tensor:
-        """The update ``s B A`` for ``base.weight``: ``(out, in)``."""
-        return (self.scaling * self.lora_B) @ self.lora_A
-
-    @torch.no_grad()
-    def merge_weights_(self) -> None:
-        """Add ``delta_weight()`` into the base weight (once; no-op if merged).
-
-        A merged weight that would not be finite (NaN, or an overflow in
-        fp16/bf16) raises :class:`ValueError`, leaving every weight untouched.
-        """
-        if self.merged:
-            return
-        scaled_b, a = self.scaling * self.lora_B, self.lora_A.clone()
-        delta = self._as_stored(scaled_b @ a)  # = delta_weight(), as stored
-        bad = int((~torch.isfinite(self.base.weight + delta)).sum())
-        if bad:
-            raise ValueError(
-                f"refusing to merge: the merged weight would have {bad} "
-                "non-finite value(s) (NaN, inf or an overflow of "
-                f"{delta.dtype}); the weights are left untouched")
-        self.base.weight += delta
-        self.merged_lora_A, self.merged_lora_B = a, scaled_b  # the record
-
-    @torch.no_grad()
-    def unmerge_weights_(self) -> None:
-        """Subtract the merged update out of the base weight (no-op if not merged)."""
-        if not self.merged:
-            return
-        self.base.weight -= self._as_stored(self.merged_lora_B @ self.merged_lora_A)
-        self.merged_lora_A = self.merged_lora_B = None
-
-    # ------------------------------------------------- settings and helpers
     @property
     def merged(self) -> bool:
-        """Whether the base weight holds ``W0 + s B A`` (see ``merge_weights_``)."""
+        """Whether the base weight holds ``W0 + s B A``."""
         return self.merged_lora_A is not None
 
     @property
-    def scaling(self) -> float:
-        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
-        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
-
-    @property
     def alpha(self) -> float:
-        """The scale numerator (a positive finite number; fixed while merged)."""
+        """The scale numerator (positive, finite; fixed while merged)."""
         return self._alpha
 
     @alpha.setter
@@ -294,36 +185,18 @@ class LoRALinear(nn.Module):
     @dropout_p.setter
     def dropout_p(self, p: float) -> None:
         p = check_probability("dropout", p)
-        self.dropout = (nn.Dropout(p) if p > 0 else nn.Identity()).train(self.training)
-
-    @torch.no_grad()
-    def reset_lora_parameters(self, seed: int | torch.Generator = 0) -> None:
-        """Draw ``lora_A`` afresh (by ``self.init``) and set ``lora_B`` to zero."""
-        self._refuse_while_merged("reset the adapter")
-        gen = as_generator(seed)
-        sample = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)  # on the CPU
-        if self.init == "normal":
-            nn.init.normal_(sample, mean=0.0, std=self.init_scale, generator=gen)
-        elif self.init == "kaiming":
-            nn.init.kaiming_uniform_(sample, a=math.sqrt(5), generator=gen)
-        else:  # "gaussian"
-            nn.init.normal_(sample, mean=0.0, std=1.0 / self.r, generator=gen)
-        self.lora_A.copy_(sample)
-        self.lora_B.zero_()
+        dropout = nn.Dropout(p) if p > 0 else nn.Identity()
+        self.dropout = dropout.train(self.training)
 
     @contextlib.contextmanager
-    def disable_adapter(self) -> Iterator["LoRALinear"]:
-        """Within this context the layer computes only its base: ``W0 x + b``."""
+    def disable_adapter(self) -> Iterator[Any]:
+        """Within this context the layer computes only ``W0 x + b``."""
         self._refuse_while_merged("disable the adapter")
         previous, self._adapter_enabled = self._adapter_enabled, False
         try:
             yield self
         finally:
             self._adapter_enabled = previous
-
-    def _as_stored(self, delta: torch.Tensor) -> torch.Tensor:
-        """``delta`` ``(out, in)`` laid out as ``base.weight`` is (``Conv1D``: transposed)."""
-        return delta.T if self.fan_in_fan_out else delta
 
     def _refuse_while_merged(self, action: str) -> None:
         if self.merged:
@@ -341,11 +214,14 @@ class LoRALinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               *args: Any) -> None:
-        # A merged layer's state holds merged_lora_A/B; an unmerged one's not.
+        # A state dict with the base weight says whether it is merged: by
+        # holding merged_lora_A and merged_lora_B, or not.
         if prefix + "base.weight" in state_dict:
-            merged = all(prefix + "merged_lora_" + k in state_dict for k in "AB")
-            self.merged_lora_A = torch.zeros_like(self.lora_A) if merged else None
-            self.merged_lora_B = torch.zeros_like(self.lora_B) if merged else None
+            keys = [prefix + "merged_lora_A", prefix + "merged_lora_B"]
+            merged = all(key in state_dict for key in keys)
+            like = (self.lora_A, self.lora_B) if merged else (None, None)
+            self.merged_lora_A, self.merged_lora_B = (
+                None if t is None else torch.zeros_like(t) for t in like)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
@@ -354,6 +230,141 @@ class LoRALinear(nn.Module):
                 f"out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:g} ({rule}), "
                 f"init={self.init!r}, merged={self.merged}")
+
+
+class LoRALinear(_LoRABookkeeping):
+    """A frozen linear layer plus a trainable, scaled, zero-initialised update.
+
+    ``h = W0 x + b + s B A dropout(x)``, ``s = alpha / r`` (``alpha / sqrt(r)``
+    with rsLoRA). ``lora_A`` ``(r, in_features)`` starts random (``init``),
+    ``lora_B`` ``(out_features, r)`` at zero: a fresh layer computes what its
+    base does. ``merge_weights_`` adds the update into the base weight and
+    records it; ``unmerge_weights_`` subtracts that record, so ``W0`` comes
+    back (up to the rounding of one addition and one subtraction) whatever
+    happened to the factors in between.
+
+    Args:
+        in_features, out_features: sizes of the input and output samples.
+        r: rank of the update.
+        alpha: scale numerator.
+        dropout: dropout probability on the adapter's input (``dropout_p``).
+        bias: whether the new base layer has a bias.
+        init: ``"normal"`` (N(0, init_scale²), the source's), ``"kaiming"``
+            (uniform, a = √5: loralib, PEFT) or ``"gaussian"`` (N(0, 1/r²)).
+        init_scale: standard deviation of ``lora_A`` for ``"normal"``.
+        rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        seed: an int or a ``torch.Generator`` for every initial value.
+        base: adapt this existing layer instead (see :meth:`from_linear`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, r: int = 8,
+                 alpha: float = 16.0, dropout: float = 0.1, bias: bool = True,
+                 init: str = "normal", init_scale: float = 1e-4,
+                 rslora: bool = False, *, seed: int | torch.Generator = 0,
+                 base: nn.Module | None = None) -> None:
+        super().__init__()  # every argument is checked before any drawing
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.r = check_positive_int("r", r)
+        self.init = check_choice("init", init, INIT_MODES)
+        self.init_scale = check_positive_finite("init_scale", init_scale)
+        self.register_buffer("merged_lora_A", None)  # the merged update
+        self.register_buffer("merged_lora_B", None)  # (None: not merged)
+        self.alpha, self.rslora, self.dropout_p = alpha, rslora, dropout
+        gen = as_generator(seed)
+        if base is None:
+            base = make_linear(in_features, out_features, bias, seed=gen)
+        self.fan_in_fan_out = _check_base(base, in_features, out_features)
+        self.base = base.requires_grad_(False)
+        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(r, in_features, **like))
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **like))
+        self._adapter_enabled = True
+        self.reset_lora_parameters(seed=gen)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16.0,
+                    dropout: float = 0.0, init: str = "kaiming",
+                    init_scale: float = 1e-4, rslora: bool = False, *,
+                    seed: int | torch.Generator = 0) -> "LoRALinear":
+        """Adapt a trained ``nn.Linear`` (or subclass) or GPT-2 ``Conv1D``.
+
+        ``linear`` becomes ``base`` (kept, not copied, and frozen), so the
+        result computes what ``linear`` did. The defaults are PEFT's.
+        """
+        (in_features, out_features), _ = _features(linear)
+        return cls(in_features, out_features, r, alpha, dropout,
+                   linear.bias is not None, init, init_scale, rslora,
+                   seed=seed, base=linear)
+
+    @torch.no_grad()
+    def reset_lora_parameters(self, seed: int | torch.Generator = 0) -> None:
+        """Draw ``lora_A`` afresh (by ``self.init``), set ``lora_B`` to zero."""
+        self._refuse_while_merged("reset the adapter")
+        gen = as_generator(seed)
+        a = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)  # CPU
+        if self.init == "normal":
+            nn.init.normal_(a, mean=0.0, std=self.init_scale, generator=gen)
+        elif self.init == "kaiming":
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+        else:  # "gaussian"
+            nn.init.normal_(a, mean=0.0, std=1.0 / self.r, generator=gen)
+        self.lora_A.copy_(a)
+        self.lora_B.zero_()
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W0 x + b + s B A dropout(x)``: ``(..., in)`` → ``(..., out)``."""
+        check_last_dim("x", x, self.in_features)
+        if self.merged:
+            self._refuse_training_while_merged()
+            return self.base(x)  # base.weight already holds W0 + s B A
+        out = self.base(x)  # W0 x + b
+        if self._adapter_enabled:
+            a_x = F.linear(self.dropout(x), self.lora_A)  # A dropout(x)
+            out = torch.add(out, F.linear(a_x, self.lora_B), alpha=self.scaling)
+        return out
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update ``s B A`` for the base weight: ``(out, in)``."""
+        return (self.scaling * self.lora_B) @ self.lora_A
+
+    @torch.no_grad()
+    def merge_weights_(self) -> None:
+        """Add ``delta_weight()`` into the base weight, once.
+
+        A merged weight that would not be finite (NaN, or an overflow in
+        fp16/bf16) raises :class:`ValueError`; nothing is changed.
+        """
+        if self.merged:
+            return
+        scaled_b, a = self.scaling * self.lora_B, self.lora_A.clone()
+        delta = self._as_stored(scaled_b @ a)  # delta_weight(), as stored
+        bad = int((~torch.isfinite(self.base.weight + delta)).sum())
+        if bad:
+            raise ValueError(
+                f"refusing to merge: the merged weight would have {bad} "
+                f"non-finite value(s) (NaN, inf or an overflow of "
+                f"{delta.dtype}); the weights are left untouched")
+        self.base.weight += delta
+        self.merged_lora_A, self.merged_lora_B = a, scaled_b  # the record
+
+    @torch.no_grad()
+    def unmerge_weights_(self) -> None:
+        """Subtract the update merged (the record, not today's factors)."""
+        if not self.merged:
+            return
+        delta = self.merged_lora_B @ self.merged_lora_A
+        self.base.weight -= self._as_stored(delta)
+        self.merged_lora_A = self.merged_lora_B = None
+
+    def _as_stored(self, delta: torch.Tensor) -> torch.Tensor:
+        """``delta`` laid out as the base weight (``Conv1D``: transposed)."""
+        return delta.T if self.fan_in_fan_out else delta
 
 
 def _conv1d_type() -> type | None:
@@ -367,7 +378,7 @@ def _conv1d_type() -> type | None:
 
 
 def _features(layer: object) -> tuple[tuple[int, int], bool]:
-    """``((in_features, out_features), fan_in_fan_out)`` of a layer LoRA can adapt.
+    """``((in_features, out_features), fan_in_fan_out)`` of a layer to adapt.
 
     ``nn.Linear`` (and subclasses) store their weight as ``(out, in)``;
     GPT-2's ``Conv1D`` stores it as ``(in, out)`` and computes ``x @ W + b``
@@ -385,7 +396,11 @@ def _features(layer: object) -> tuple[tuple[int, int], bool]:
 
 
 def _check_base(base: object, in_features: int, out_features: int) -> bool:
-    """Check that ``base`` is a linear layer of these sizes; its ``fan_in_fan_out``."""
+    """Check that ``base`` is a linear layer of these sizes.
+
+    Returns:
+        Its ``fan_in_fan_out``.
+    """
     sizes, fan_in_fan_out = _features(base)
     if sizes != (in_features, out_features):
         raise ValueError(

@@ -43,9 +43,7 @@ class TinyAdapter(nn.Module):
         init_scale: float = 1e-4,
         rslora: bool = False,
         seed: int | torch.Generator = 0,
-        generator: torch.Generator | None = None,  # TRANSITION
     ) -> None:
-        seed = seed if generator is None else generator  # TRANSITION
         for name, value in (("d_in", d_in), ("d_hidden", d_hidden), ("d_out", d_out)):
             check_positive_int(name, value)
         # Check the head's arguments before the backbone draws from the generator.
