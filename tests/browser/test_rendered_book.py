@@ -62,6 +62,8 @@ class Reader:
     """One page as a reader opens it, with everything that went wrong on the way."""
 
     def __init__(self, browser, rel: str) -> None:
+        if not (HTML / rel).exists():
+            pytest.fail(f"{rel} is not in the built book: rebuild it (`make book` or `jupyter-book build .`)")
         self.context = browser.new_context(viewport={"width": 1280, "height": 900})
         self.page = self.context.new_page()
         self.problems: list[str] = []
