@@ -280,6 +280,8 @@ def add_lora(
         raise TypeError(f"rslora must be a bool, got {rslora!r}")
     check_choice("bias", bias, BIAS_MODES)
     saved_names = [] if modules_to_save is None else _check_names("modules_to_save", modules_to_save)
+    earlier = _recorded(model, MODULES_TO_SAVE_ATTR) or []  # from an earlier add_lora
+    saved_names = list(earlier) + [n for n in saved_names if n not in earlier]
     gen = as_generator(seed)
     lora_names = [name for name, _ in lora_layers(model)]
     saved = _check_modules_to_save(model, saved_names, lora_names) if saved_names else []
