@@ -35,6 +35,7 @@ def test_the_chapters_are_there():
         "02_scaled_zero_init.ipynb",
         "03_pretrain_finetune_merge.ipynb",
         "04_parameter_efficiency.ipynb",
+        "05_lora_on_real_data.ipynb",
         "06_from_scratch_to_peft.ipynb",
     ]
     toc = (ROOT / "_toc.yml").read_text()
