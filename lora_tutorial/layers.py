@@ -244,15 +244,13 @@ class LoRALinear(_LoRABookkeeping):
     happened to the factors in between.
 
     Args:
-        in_features, out_features: sizes of the input and output samples.
-        r: rank of the update.
-        alpha: scale numerator.
+        in_features, out_features, r: sizes of input, output and update.
+        alpha, rslora: the scale ``alpha / r`` (``alpha / sqrt(r)``).
         dropout: dropout probability on the adapter's input (``dropout_p``).
         bias: whether the new base layer has a bias.
-        init: ``"normal"`` (N(0, init_scale²), the source's), ``"kaiming"``
-            (uniform, a = √5: loralib, PEFT) or ``"gaussian"`` (N(0, 1/r²)).
-        init_scale: standard deviation of ``lora_A`` for ``"normal"``.
-        rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        init, init_scale: ``lora_A`` from N(0, init_scale²) (``"normal"``,
+            the source's), Kaiming-uniform (``"kaiming"``, PEFT's) or
+            N(0, 1/r²) (``"gaussian"``).
         seed: an int or a ``torch.Generator`` for every initial value.
         base: adapt this existing layer instead (see :meth:`from_linear`).
     """
