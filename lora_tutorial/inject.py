@@ -329,7 +329,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             for name, layer in layers:
                 if layer.merged:
                     continue
-                weight = layer.base.weight + layer._as_stored(layer.delta_weight())
+                delta = layer.delta_weight()  # (out, in); Conv1D stores (in, out)
+                weight = layer.base.weight + (delta.T if layer.fan_in_fan_out else delta)
                 bad = int((~torch.isfinite(weight)).sum())
                 if bad:
                     raise ValueError(
