@@ -13,8 +13,10 @@ Deterministic (``derandomize=True``) and quick: the model is tiny and every
 example works in its own temporary directory.
 """
 
+import atexit
 import copy
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -46,6 +48,7 @@ def _model(dtype=torch.float32):
 
 MODELS = {torch.float32: _model(torch.float32), torch.float16: _model(torch.float16)}
 GOOD = Path(tempfile.mkdtemp(prefix="good_adapter_"))
+atexit.register(shutil.rmtree, GOOD, ignore_errors=True)
 lt.save_adapter(MODELS[torch.float32], GOOD)
 GOOD_TENSORS = load_file(str(GOOD / ADAPTER_WEIGHTS))
 GOOD_CONFIG = json.loads((GOOD / ADAPTER_CONFIG).read_text())
