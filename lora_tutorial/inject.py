@@ -186,7 +186,7 @@ def _choose(model: nn.Module, target_modules: object,
                    and not _read_not_called(modules, name)]
     else:
         matched = [name for name in modules if name and match(name)]
-        if isinstance(target_modules, list | tuple):
+        if not isinstance(target_modules, str):  # a list: each name must match
             silent = [t for t in targets if not any(name == t or name.endswith("." + t)
                                                     for name in matched)]
             if silent and matched:
