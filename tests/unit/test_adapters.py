@@ -375,3 +375,17 @@ def test_transformer_counts_and_outputs_match_peft(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours.eval()(ids).logits, loaded(ids).logits, atol=1e-5, rtol=0)
         assert (ours(ids).logits - base(ids).logits).abs().max() > 1e-3  # the adapters do something
+
+
+@pytest.mark.parametrize("init", [True, False, "gaussian", "orthogonal", "eva"])
+def test_inits_that_leave_the_base_unchanged_are_accepted(setup, tmp_path, init):
+    """They only say how training started; loading needs nothing from them."""
+    x, model = setup
+    good = lt.save_adapter(model, tmp_path / "good")
+    edited = corrupt(good, tmp_path / "edited", config=lambda c: edit(c, init_lora_weights=init))
+    target = copy.deepcopy(model)
+    with torch.no_grad():
+        target.head.lora_B.zero_()
+    lt.load_adapter(target, edited)
+    with torch.no_grad():
+        assert torch.equal(target(x), model(x))
