@@ -66,7 +66,9 @@ def _check_data(x: object, y: object) -> None:
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() == 0 or t.shape[0] == 0:
+        if t.dim() == 0:
+            raise ValueError(f"{name} must have a first (batch) dimension, got a 0-d tensor")
+        if t.shape[0] == 0:
             raise ValueError(f"{name} is empty (shape {tuple(t.shape)}): there is nothing to fit or evaluate")
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"NaN or inf in the data: {name} holds non-finite values")
