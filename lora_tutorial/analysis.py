@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ._checks import check_last_dim
 from .layers import LoRALayer, LoRALinear
 
 __all__ = ["relative_update_norm", "singular_values"]
@@ -17,6 +18,8 @@ def relative_update_norm(layer: LoRALayer | LoRALinear, x: torch.Tensor) -> floa
     frozen layer computes: 0 for a fresh :class:`~lora_tutorial.layers.LoRALinear` (``B = 0``).
     Dropout is not applied.
     """
+    if isinstance(layer, (LoRALayer, LoRALinear)):
+        check_last_dim("x", x, layer.in_features)
     if isinstance(layer, LoRALayer):
         base, update = layer.linear(x), layer.update(x)
     elif isinstance(layer, LoRALinear):

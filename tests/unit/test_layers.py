@@ -511,3 +511,18 @@ def test_importing_the_library_does_not_import_transformers():
 def test_base_of_the_wrong_size_is_refused():
     with pytest.raises(ValueError, match="base maps 5 to 3 features, but in_features=4"):
         LoRALinear(4, 3, base=nn.Linear(5, 3))
+
+
+def test_relative_update_norm_checks_x_and_handles_conv1d():
+    from lora_tutorial import relative_update_norm
+
+    layer = LoRALinear.from_linear(conv1d_layer(), r=2, seed=gen())
+    x = torch.randn(7, 6, generator=gen(3))
+    assert relative_update_norm(layer, x) == 0.0  # B = 0
+    with torch.no_grad():
+        layer.lora_B.normal_(generator=gen(4))
+    with torch.no_grad():
+        expected = (x @ layer.delta_weight().T).norm() / layer.base(x).norm()
+    assert relative_update_norm(layer, x) == pytest.approx(float(expected))
+    with pytest.raises(ValueError, match=r"last dimension 6 \(in_features\), got shape \(7, 5\)"):
+        relative_update_norm(layer, torch.randn(7, 5))
