@@ -217,11 +217,11 @@ class _LoRABookkeeping(nn.Module):
         # A state dict with the base weight says whether it is merged: by
         # holding merged_lora_A and merged_lora_B, or not.
         if prefix + "base.weight" in state_dict:
-            keys = [prefix + "merged_lora_A", prefix + "merged_lora_B"]
-            merged = all(key in state_dict for key in keys)
-            like = (self.lora_A, self.lora_B) if merged else (None, None)
-            self.merged_lora_A, self.merged_lora_B = (
-                None if t is None else torch.zeros_like(t) for t in like)
+            keys = ("merged_lora_A", "merged_lora_B")
+            merged = all(prefix + key in state_dict for key in keys)
+            a, b = torch.zeros_like(self.lora_A), torch.zeros_like(self.lora_B)
+            self.merged_lora_A = a if merged else None  # filled in by super()
+            self.merged_lora_B = b if merged else None
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def extra_repr(self) -> str:
