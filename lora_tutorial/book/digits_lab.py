@@ -368,7 +368,8 @@ def placement_sweep(
 
 
 def _right_singular_vectors(w: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svd(w.detach().double(), full_matrices=False).Vh  # (k, in)
+    with torch_threads(1):  # small matrices: one thread is faster
+        return torch.linalg.svd(w.detach().double(), full_matrices=False).Vh  # (k, in)
 
 
 def similarity_grid(w1: torch.Tensor, w2: torch.Tensor, i_max: int, j_max: int) -> torch.Tensor:
