@@ -23,13 +23,14 @@ def format_bytes(n_bytes: float) -> str:
         raise ValueError(f"n_bytes must be >= 0, got {n_bytes!r}")
     for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
         if n_bytes < 999.5 or unit == "PB":
-            return f"{n_bytes:.3g} {unit}" if unit != "B" else f"{n_bytes:.0f} B"
+            digits = ".0f" if unit == "B" else ".3g"
+            return f"{n_bytes:{digits}} {unit}"
         n_bytes /= 1000
     raise AssertionError("unreachable")
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of an optimizer's state tensors (Adam: two moments, step counts)."""
+    """Bytes of an optimizer's state tensors (Adam: two moments, steps)."""
     return sum(
         value.numel() * value.element_size()
         for state in optimizer.state.values()
@@ -38,8 +39,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> int:
-    """Bytes of the tensors autograd saves for the backward pass of ``forward()``.
+def activation_bytes(
+    model: nn.Module, forward: Callable[[], torch.Tensor]
+) -> int:
+    """Bytes of the tensors autograd saves for the backward pass of ``forward``.
 
     These are the activations training must keep between the forward and the
     backward pass (inputs of layers with trainable weights, dropout masks,
@@ -57,6 +60,7 @@ def activation_bytes(model: nn.Module, forward: Callable[[], torch.Tensor]) -> i
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    keep = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+    with torch.enable_grad(), keep:
         forward()
     return sum(saved.values())

@@ -1,4 +1,4 @@
-"""A linear head on frozen features: what it can reach, and how to train it fast.
+"""A linear head on frozen features: what it can reach, how to train it fast.
 
 When everything below a linear layer is frozen, the layer's full-batch MSE
 depends on the data only through a few averages of the features ``h`` and the
@@ -96,7 +96,7 @@ class FeatureStats:
     def mse(
         self, weight: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Mean squared error of ``h ↦ weight @ h + bias`` (samples and outputs).
+        """Mean squared error of ``h ↦ weight @ h + bias`` (samples, outputs).
 
         ``weight`` is ``(k, d)`` and ``bias`` ``(k,)``; differentiable in
         both. With the bias as the weight of a constant feature 1 (so ``h``
@@ -117,7 +117,7 @@ class FeatureStats:
     def dropout_penalty(
         self, delta_weight: torch.Tensor, p: float
     ) -> torch.Tensor:
-        """Expected extra MSE from dropout ``p`` on the input of ``delta_weight``.
+        """Expected extra MSE from dropout ``p`` on ``delta_weight``'s input.
 
         Dropout on the adapter's input keeps feature ``i`` with probability
         ``1 - p`` and scales it by ``1 / (1 - p)``: the output's mean is
@@ -130,7 +130,7 @@ class FeatureStats:
         return ridge * (p / (1 - p) / self.d_out)
 
     def _like(self, tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``G`` and ``2 Cᵀ`` with the constant feature, in ``tensor``'s dtype."""
+        """``G`` and ``2 Cᵀ`` with the constant feature, like ``tensor``."""
         key = (tensor.dtype, tensor.device)
         if key not in self._rounded:  # build and round once, then reuse
             d = self.d_in
@@ -205,7 +205,7 @@ def best_low_rank_update(
     m = torch.linalg.lstsq(sigma, cross_t).solution  # (d, k): full-rank optimum
     fitted_cov = m.T @ sigma @ m  # (k, k): covariance of the fitted values
     eigvals, eigvecs = torch.linalg.eigh((fitted_cov + fitted_cov.T) / 2)
-    eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)  # largest 1st
+    eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)  # big 1st
     full = (t_sq - float(eigvals.sum())) / k
     loss = full + float(eigvals[rank:].sum()) / k
     v = eigvecs[:, :rank]
@@ -245,7 +245,8 @@ def fit_lora_on_stats(
     dropout this is the deterministic run the stochastic one scatters around.
 
     A step costs ``O(k·d²)`` for a ``(k, d)`` layer, whatever the number of
-    samples behind ``stats``.
+    samples behind ``stats``. It runs in the layer's precision (see
+    :meth:`FeatureStats.mse`), like training on the data would.
 
     Args:
         layer: an unmerged :class:`~lora_tutorial.layers.LoRALinear` on an
@@ -267,7 +268,7 @@ def fit_lora_on_stats(
     steps = check_positive_int("steps", steps)
     lr = check_positive_finite("lr", lr)
     check_choice("record", record, ("objective", "mse"))
-    if not isinstance(layer, LoRALinear) or not isinstance(layer.base, nn.Linear):
+    if not isinstance(layer, LoRALinear) or type(layer.base) is not nn.Linear:
         raise TypeError("layer must be a LoRALinear on an nn.Linear, got "
                         f"{type(layer).__name__}")
     if layer.merged:
@@ -281,6 +282,7 @@ def fit_lora_on_stats(
     if not params:
         raise ValueError("layer has no trainable parameters: nothing to train")
     start = [p.detach().clone() for p in params]
+    # AdamW with PyTorch's defaults, as train() uses; fused: one kernel.
     optimizer = torch.optim.AdamW(params, lr=lr, fused=True)
     history: list[float] = []
     for _ in range(steps):

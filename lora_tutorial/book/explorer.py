@@ -122,6 +122,7 @@ class RankAlphaLab:
     seed: int = 0
     max_rank: int = 16
     _cache: dict = field(default_factory=dict, repr=False)
+    _runs: dict = field(default_factory=dict, repr=False)
     _best: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -158,17 +159,36 @@ class RankAlphaLab:
         return self._best["full_sv"]
 
     def run(self, rank: int, alpha: float, rslora: bool = False) -> ExplorerResult:
-        """Retrain the adapter with these settings (or return the cached result)."""
+        """Retrain the adapter with these settings (or return the cached result).
+
+        Training depends on alpha and the rule only through the scale ``s``
+        (``alpha / r`` or ``alpha / sqrt(r)``): settings with the same rank
+        and the same ``s`` (rank 1 under both rules, or rank 16 with
+        ``α/√r = 16`` and ``α/r = 64``) share one run.
+        """
         rank = check_positive_int("rank", rank)
         if rank > self.max_rank:
             raise ValueError(f"rank must be at most max_rank={self.max_rank}, got {rank}")
         alpha = check_positive_finite("alpha", alpha)
         key = (rank, float(alpha), bool(rslora))
         if key not in self._cache:
-            layer = LoRALinear.from_linear(
-                copy.deepcopy(self.base), r=rank, alpha=alpha,
-                dropout=self.dropout, init=self.init,
-                init_scale=self.init_scale, rslora=rslora, seed=self.seed)
+            history, final, sv = self._train(rank, alpha, rslora)
+            self._cache[key] = ExplorerResult(
+                rank=rank, alpha=float(alpha), rslora=bool(rslora),
+                steps=np.arange(1, self.steps + 1), history=history,
+                final_loss=final, best_loss=self.best_loss(rank),
+                learned_sv=sv,
+            )
+        return self._cache[key]
+
+    def _train(self, rank: int, alpha: float, rslora: bool) -> tuple:
+        """History, final loss and singular values of one run, by (r, s)."""
+        layer = LoRALinear.from_linear(
+            copy.deepcopy(self.base), r=rank, alpha=alpha,
+            dropout=self.dropout, init=self.init,
+            init_scale=self.init_scale, rslora=rslora, seed=self.seed)
+        key = (rank, layer.scaling)
+        if key not in self._runs:
             layer.base.bias.requires_grad_(True)  # chapter 3 trains it too
             with one_thread():
                 history = fit_lora_on_stats(layer, self.stats, steps=self.steps,
@@ -177,13 +197,9 @@ class RankAlphaLab:
                 delta = layer.delta_weight().double()
                 weight = layer.base.weight.double() + delta
                 final = float(self.stats.mse(weight, layer.base.bias))
-            self._cache[key] = ExplorerResult(
-                rank=rank, alpha=float(alpha), rslora=bool(rslora),
-                steps=np.arange(1, self.steps + 1), history=np.array(history),
-                final_loss=final, best_loss=self.best_loss(rank),
-                learned_sv=singular_values(delta).numpy()[:rank],
-            )
-        return self._cache[key]
+            self._runs[key] = (np.array(history), final,
+                               singular_values(delta).numpy()[:rank])
+        return self._runs[key]
 
 
 class ExplorerFigure:
@@ -329,7 +345,9 @@ class RankAlphaExplorer:
         return time.perf_counter() - start
 
     def _repr_mimebundle_(self, **kwargs: object) -> dict:
-        return self.widget._repr_mimebundle_(**kwargs)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/plain"] = "RankAlphaExplorer (live: needs a kernel)"
+        return bundle
 
 
 def rank_alpha_explorer(lab: RankAlphaLab | None = None, rank: int = 8, alpha: float = 16.0) -> RankAlphaExplorer:
@@ -385,4 +403,14 @@ def static_rank_alpha_explorer(
     links.append(w.jslink((scaling, "index"), (figures, "selected_index")))
     box = w.VBox([w.HBox([rank_slider, alpha_slider]), scaling, figures])
     box.links = links  # keep the links alive with the box
-    return box
+    n_figures = 2 * len(ranks) * len(alphas)
+    return _with_plain_text(box, f"static rank/alpha explorer: {n_figures} "
+                                 "figures (sliders work without a kernel)")
+
+
+def _with_plain_text(widget, text: str):
+    """Give ``widget`` a one-line plain-text form (its repr lists every child)."""
+    bundle = widget._repr_mimebundle_
+    widget._repr_mimebundle_ = lambda **kwargs: {**bundle(**kwargs),
+                                                 "text/plain": text}
+    return widget

@@ -107,3 +107,12 @@ def test_static_explorer_links_every_control_to_its_stacks(lab, figure):
     # The image shown for (scaling, rank, alpha) is that setting's figure.
     expected = figure.png(lab.run(2, 256.0, True))
     assert figures.children[1].children[0].children[2].value == expected
+
+
+def test_settings_with_the_same_scale_share_one_run(lab):
+    # rank 16: alpha/sqrt(r) = 16/4 and alpha/r = 64/16 are both s = 4.
+    rs, plain = lab.run(16, 16.0, True), lab.run(16, 64.0, False)
+    assert rs.scaling == plain.scaling == 4.0
+    assert rs.history is plain.history and rs.final_loss == plain.final_loss
+    assert (rs.alpha, rs.rslora) == (16.0, True)  # each keeps its own labels
+    assert lab.run(4, 16.0, True).final_loss != lab.run(4, 16.0, False).final_loss
