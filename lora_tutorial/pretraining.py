@@ -1,9 +1,12 @@
-"""Chapter 3's set-up: pretraining ``TinyAdapter`` on the old task, and a shipped checkpoint of it.
+"""Chapter 3's set-up: pretraining ``TinyAdapter`` on the old task, and shipped checkpoints of it.
 
 Pretraining the source's way takes a few seconds on a CPU. Chapter 3 does it
 live and checks that it reproduces the checkpoint shipped with the library;
 chapter 4, chapter 5 and the rank/alpha explorer load the checkpoint instead.
-``python tools/make_checkpoint.py`` rewrites it.
+A second checkpoint holds chapter 3's comparison run, pretrained from the same
+start with the head's base layer trained too (``train_head=True``); a unit
+test checks that it reproduces. ``python tools/make_checkpoint.py`` rewrites
+both.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from .training import train
 
 __all__ = [
     "CHECKPOINT_PATH",
+    "HEAD_PRETRAINED_PATH",
     "pretrain",
     "pretrained_tiny_adapter",
     "source_setup",
@@ -26,6 +30,14 @@ __all__ = [
 
 #: Where the shipped checkpoint lives (``TinyAdapter`` after the source's 800 pretraining steps).
 CHECKPOINT_PATH = Path(__file__).parent / "checkpoints" / "tiny_adapter_source.safetensors"
+#: The same 800 steps from the same start, with the head's base layer trained too.
+HEAD_PRETRAINED_PATH = CHECKPOINT_PATH.with_name("tiny_adapter_head_pretrained.safetensors")
+
+
+def _checkpoint_path(train_head: bool) -> Path:
+    if not isinstance(train_head, bool):
+        raise TypeError(f"train_head must be True or False, got {train_head!r}")
+    return HEAD_PRETRAINED_PATH if train_head else CHECKPOINT_PATH
 
 
 def source_setup(seed: int = 0) -> tuple[AdaptationTask, TinyAdapter]:
@@ -37,7 +49,7 @@ def source_setup(seed: int = 0) -> tuple[AdaptationTask, TinyAdapter]:
     """
     stream = torch.Generator().manual_seed(seed)
     task = make_adaptation_task(seed=stream)
-    model = TinyAdapter(generator=stream)
+    model = TinyAdapter(seed=stream)
     return task, model
 
 
@@ -68,27 +80,35 @@ def pretrain(
         return train(model, x, y, steps=steps, lr=lr, seed=seed)
 
 
-def write_checkpoint(path: Path = CHECKPOINT_PATH) -> list[float]:
-    """Pretrain the source's model from scratch and save its weights to ``path``."""
+def write_checkpoint(path: Path | None = None, *, train_head: bool = False) -> list[float]:
+    """Pretrain the source's model from scratch and save its weights.
+
+    ``train_head`` is passed on to :func:`pretrain`; ``path`` defaults to the
+    shipped checkpoint of that kind. Returns the loss history.
+    """
     from safetensors.torch import save_file
 
+    path = _checkpoint_path(train_head) if path is None else Path(path)
     task, model = source_setup()
-    history = pretrain(model, task.x_train, task.y_old_train)
+    history = pretrain(model, task.x_train, task.y_old_train, train_head=train_head)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return history
 
 
-def pretrained_tiny_adapter() -> tuple[AdaptationTask, TinyAdapter]:
-    """The source's task and its model after pretraining, loaded from the shipped checkpoint.
+def pretrained_tiny_adapter(train_head: bool = False) -> tuple[AdaptationTask, TinyAdapter]:
+    """The source's task and its model after pretraining, loaded from a shipped checkpoint.
 
-    The model is returned ready for fine-tuning: backbone and head base frozen,
+    ``train_head=False`` (the source's pretraining, head frozen) or ``True``
+    (the comparison run whose head's base layer was pretrained too). The
+    model is returned ready for fine-tuning: backbone and head base frozen,
     only the adapter (``lora_A``, ``lora_B``) trainable, and in training mode.
     """
     from safetensors.torch import load_file
 
+    path = _checkpoint_path(train_head)
     task, model = source_setup()
-    model.load_state_dict(load_file(str(CHECKPOINT_PATH)))
+    model.load_state_dict(load_file(str(path)))
     model.requires_grad_(False)
     model.head.lora_A.requires_grad_(True)
     model.head.lora_B.requires_grad_(True)

@@ -121,6 +121,8 @@ class SourceRun:
         task: the data (the source's very tensors).
         model: the model as the source leaves it: pretrained, fine-tuned,
             its head merged, in training mode.
+        head_pretrained: a copy of the head as fine-tuning found it (its
+            base still the random initialisation, ``B = 0``).
         head_unmerged: a copy of the head just before merging.
         features_train, features_val: the frozen backbone's output
             ``gelu(backbone(x))``, ``(4096, 256)`` and ``(512, 256)``.
@@ -134,6 +136,7 @@ class SourceRun:
     log: list[str]
     task: AdaptationTask
     model: SourceTinyAdapter
+    head_pretrained: SourceLoRALinear
     head_unmerged: SourceLoRALinear
     features_train: torch.Tensor
     features_val: torch.Tensor
@@ -231,6 +234,7 @@ def replay_source_run(
                 f"({100*trainable/total:.2f}%). only LoRA is trainable."]
         opt = torch.optim.AdamW(
             filter(lambda p: p.requires_grad, model.parameters()), lr=5e-3)
+        head_pretrained = copy.deepcopy(model.head)
         with torch.no_grad():  # the frozen backbone's output, computed once
             feats_train = model.act(model.backbone(task.x_train))
             feats_val = model.act(model.backbone(task.x_val))
@@ -260,7 +264,8 @@ def replay_source_run(
             merged_val = loss_fn(model(task.x_val), task.y_new_val).item()
         log += ["", f"Merged for inference. Val loss (merged): {merged_val:.4f}"]
     return SourceRun(
-        log=log, task=task, model=model, head_unmerged=head_unmerged,
+        log=log, task=task, model=model, head_pretrained=head_pretrained,
+        head_unmerged=head_unmerged,
         features_train=feats_train, features_val=feats_val,
         pretrain_losses=pretrain_losses, finetune_losses=finetune_losses,
         val_losses=val_losses, merged_val=merged_val,

@@ -54,3 +54,16 @@ def test_singular_values():
     assert lt.singular_values(m).tolist() == [3.0, 2.0, 1.0]
     with pytest.raises(ValueError, match="must be 2-D"):
         lt.singular_values(torch.ones(3))
+
+
+def test_head_pretrained_checkpoint_reproduces():
+    # Chapter 3 loads this comparison run instead of pretraining it again (800 steps).
+    task, model = lt.source_setup()
+    history = lt.pretrain(model, task.x_train, task.y_old_train, train_head=True)
+    _, shipped = lt.pretrained_tiny_adapter(train_head=True)
+    for name, value in shipped.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], value, atol=1e-4), name
+    assert history[-1] < 0.015  # lower than the head-frozen run's 0.0207
+    assert shipped.head.base.bias.requires_grad is False and shipped.head.lora_A.requires_grad
+    with pytest.raises(TypeError, match="train_head must be True or False"):
+        lt.pretrained_tiny_adapter(train_head="yes")
