@@ -1,7 +1,7 @@
 """Real data for chapter 5: scikit-learn's handwritten digits, a small MLP, and its pretraining.
 
 The data are the 1,797 8×8 images that ship inside scikit-learn
-(:func:`sklearn.datasets.load_digits`, nothing is downloaded), scaled to
+(``sklearn.datasets.load_digits``, nothing is downloaded), scaled to
 [0, 1] and flattened to 64 numbers, and cut once into fixed training,
 validation and test splits. Two tasks are built from them:
 
@@ -50,7 +50,7 @@ TARGET_DIGITS = (5, 6, 7, 8, 9)
 def torch_threads(n: int = 1) -> Iterator[None]:
     """Run the block with ``torch.set_num_threads(n)``, then restore the previous count.
 
-    Networks as small as :class:`DigitsMLP` train several times faster on one
+    Networks as small as :class:`~lora_tutorial.digits.DigitsMLP` train several times faster on one
     CPU thread than on two (handing work between threads costs more than the
     tiny matrix products save), and far faster on a busy machine.
     """

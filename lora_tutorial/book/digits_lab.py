@@ -40,6 +40,7 @@ __all__ = [
     "DigitsLab",
     "HIDDEN",
     "MethodResult",
+    "ScalingResult",
     "best_runs",
     "compare_methods",
     "finetune",
@@ -49,7 +50,6 @@ __all__ = [
     "scaling_sweep",
     "similarity_grid",
     "swap_init",
-    "torch_threads",
 ]
 
 #: The three hidden layers, the adapters' default targets.
@@ -169,7 +169,7 @@ class DigitsLab:
 
         ``"head"`` trains only the new head; ``"full"`` trains everything;
         ``"lora"`` puts rank-``r`` adapters (``alpha`` defaults to ``2 r``) on
-        ``targets`` with :func:`lora_tutorial.add_lora` and trains them and
+        ``targets`` with :func:`~lora_tutorial.inject.add_lora` and trains them and
         the new head. The head and the adapters draw from one generator
         seeded with ``seed``.
         """
