@@ -3,6 +3,8 @@
 Starts `jupyter lab` on a free local port (no token, in a temporary directory),
 opens a notebook that shows `book.rank_alpha_explorer()`, runs it, moves the rank
 slider with the keyboard, and checks that the kernel retrained and the figure changed.
+Like every browser test it runs under `make test` (which requires it) and is skipped by a
+plain `pytest` in a checkout without the built book or Chromium (see conftest.py).
 """
 
 from __future__ import annotations
