@@ -26,6 +26,7 @@ import json
 import math
 import re
 import string
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -44,19 +45,24 @@ __all__ = [
     "CharTrigrams",
     "Corpus",
     "char_gpt2",
+    "eval_loss",
     "generate",
     "lm_loss",
+    "made_on",
+    "MODEL_SHAPE",
     "numpy_docstrings",
+    "PRETRAIN",
     "pretrain_char_gpt2",
     "pretrained_char_gpt2",
     "random_batch",
     "sklearn_dataset_cards",
+    "write_checkpoint",
 ]
 
 #: The shipped pretrained model (written by ``tools/make_gpt2_checkpoint.py``).
 CHECKPOINT_PATH = Path(__file__).parent / "checkpoints" / "char_gpt2_numpy.safetensors"
 
-#: The model's shape: small enough to pretrain in about a minute on a CPU.
+#: The model's shape: small enough to pretrain in a few minutes on one CPU thread.
 MODEL_SHAPE = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
 
 #: The pretraining recipe that ``tools/make_gpt2_checkpoint.py`` runs.
@@ -117,7 +123,7 @@ class Corpus:
         blank lines into one: a model this small would otherwise spend its
         capacity, and its samples, on white space.
         """
-        lines = [" ".join(line.split()) for line in tokenizer.clean(text).splitlines()]
+        lines = [tokenizer.clean(" ".join(line.split())) for line in text.splitlines()]
         text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
         ids = tokenizer.encode(text)
         cut = int(0.9 * len(ids))
@@ -125,13 +131,20 @@ class Corpus:
 
 
 def numpy_docstrings(tokenizer: CharTokenizer, max_chars: int = 300_000) -> Corpus:
-    """The docstrings of NumPy's public callables, sorted by name, up to ``max_chars``."""
+    """The docstrings of NumPy's public functions, sorted by name, up to ``max_chars``.
+
+    Only functions and ufuncs: the docstrings of NumPy's scalar types describe
+    the machine they run on (their platform aliases), and would make the
+    corpus differ between machines.
+    """
     import numpy as np
 
     check_positive_int("max_chars", max_chars)
+    kinds = (types.FunctionType, types.BuiltinFunctionType, np.ufunc)
     docs = []
     for name in sorted(n for n in dir(np) if not n.startswith("_")):
-        doc = inspect.getdoc(getattr(np, name)) if callable(getattr(np, name)) else None
+        obj = getattr(np, name)
+        doc = inspect.getdoc(obj) if isinstance(obj, kinds) else None
         if doc:
             docs.append(doc)
     corpus = Corpus.from_text(f"NumPy {np.__version__} docstrings", "\n\n".join(docs), tokenizer)
@@ -165,7 +178,7 @@ def char_gpt2(vocab_size: int, seed: int = 0) -> "GPT2LMHeadModel":
         **MODEL_SHAPE,
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # the CPU stream only
         return GPT2LMHeadModel(config)
 
 
@@ -175,7 +188,7 @@ def random_batch(ids: torch.Tensor, batch_size: int, length: int, generator: tor
     Returns a ``(batch_size, length + 1)`` tensor: inputs are ``[:, :-1]``,
     next-token targets ``[:, 1:]``.
     """
-    starts = torch.randint(0, len(ids) - length - 1, (batch_size,), generator=generator)
+    starts = torch.randint(0, len(ids) - length, (batch_size,), generator=generator)
     return torch.stack([ids[s : s + length + 1] for s in starts.tolist()])
 
 
@@ -190,6 +203,8 @@ def eval_loss(model: "GPT2LMHeadModel", ids: torch.Tensor, length: int | None = 
     """Next-token loss over ``ids`` cut into consecutive windows (eval mode, restored)."""
     length = length or model.config.n_positions
     n = (len(ids) - 1) // length
+    if n < 1:
+        raise ValueError(f"ids must hold more than length={length} tokens, got {len(ids)}")
     batch = torch.stack([ids[i * length : i * length + length + 1] for i in range(n)])
     was_training = model.training
     model.eval()
@@ -211,8 +226,9 @@ def pretrain_char_gpt2(
     """Pretrain a fresh :func:`char_gpt2` on ``corpus.train`` with AdamW.
 
     Batches are drawn from a generator seeded with ``seed``; the learning rate
-    decays linearly to zero. It runs on one CPU thread, so that every machine
-    computes the same losses bit for bit. Returns the model and the loss of
+    decays linearly to zero. It runs on one CPU thread, so that a machine of
+    the same kind, with the same library versions, computes the same losses
+    bit for bit (other processors may round differently). Returns the model and the loss of
     every step. ``stop_after`` ends the run early, on the same schedule (the
     test that the recipe still reproduces the shipped model uses it).
     """
@@ -254,10 +270,23 @@ def write_checkpoint(path: Path = CHECKPOINT_PATH) -> list[float]:
     model, history = pretrain_char_gpt2(numpy_docstrings(tokenizer), **PRETRAIN)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
              if not k.endswith("attn.bias") and k != "lm_head.weight"}
-    meta = {"recipe": json.dumps(PRETRAIN), "first_losses": json.dumps(history[:20])}
+    meta = {
+        "recipe": json.dumps(PRETRAIN),
+        "first_losses": json.dumps(history[:20]),
+        "made_on": made_on(),
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
     return history
+
+
+def made_on() -> str:
+    """The machine and library versions a pretraining run's exact losses belong to."""
+    import platform
+
+    import numpy as np
+
+    return f"{platform.machine()} torch {torch.__version__} numpy {np.__version__}"
 
 
 def pretrained_char_gpt2() -> tuple[CharTokenizer, "GPT2LMHeadModel"]:
@@ -289,6 +318,8 @@ def generate(
     generator seeded by ``seed``, so the same model and seed always give the
     same text. (Greedy decoding makes a model this small repeat itself.)
     """
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
     ids = tokenizer.encode(prompt)[None]
     window = model.config.n_positions
     generator = torch.Generator().manual_seed(seed)
