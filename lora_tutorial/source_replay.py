@@ -20,10 +20,15 @@ Everything runs inside :func:`torch.random.fork_rng`, so the caller's global
 RNG state is left exactly as it was. The book's own code lives elsewhere;
 nothing else in the library uses these classes.
 
-One shortcut, which changes no number: fine-tuning computes the frozen
-backbone's output once instead of at every step (pass
-``recompute_features=True`` for the source's literal loop; a unit test checks
-that the two agree bit for bit).
+Two shortcuts, which change no number (pass ``literal=True`` for the source's
+loops exactly as written; a unit test checks that both agree bit for bit):
+
+* during pretraining ``B = 0`` and the adapter is frozen, so it adds exact
+  zeros to the output and to the gradient; the replay draws the dropout mask
+  its forward pass would draw (the only trace it leaves, on the random stream)
+  and skips the arithmetic;
+* fine-tuning computes the frozen backbone's output once instead of at every
+  step.
 """
 
 from __future__ import annotations
@@ -181,7 +186,7 @@ def replay_source_run(
     pretrain_steps: int = 800,
     finetune_steps: int = 600,
     log_every: int = 100,
-    recompute_features: bool = False,
+    literal: bool = False,
 ) -> SourceRun:
     """Replay the source's pretraining, fine-tuning and merge on the global stream.
 
@@ -194,8 +199,9 @@ def replay_source_run(
             execution counts show) or ``"displayed"`` (top to bottom).
         pretrain_steps, finetune_steps: the loops' lengths (800 and 600).
         log_every: print a loss every this many steps (100).
-        recompute_features: run the frozen backbone at every fine-tuning step
-            as the source does, instead of once (same numbers, slower).
+        literal: run the source's loops exactly as written, without the two
+            shortcuts described in the module's docstring (same numbers,
+            slower).
     """
     check_choice("order", order, SOURCE_ORDERS)
     pretrain_steps = check_positive_int("pretrain_steps", pretrain_steps)
@@ -214,9 +220,17 @@ def replay_source_run(
         opt = torch.optim.AdamW(
             filter(lambda p: p.requires_grad, model.parameters()), lr=2e-3)
         pretrain_losses = []
+        def pretrain_output(x: torch.Tensor) -> torch.Tensor:
+            if literal:
+                return model(x)
+            h = model.act(model.backbone(x))
+            p = model.head.dropout.p
+            torch.empty_like(h).bernoulli_(1 - p)  # the mask dropout draws
+            return model.head.base(h)  # + the adapter's exact zeros
+
         for step in range(pretrain_steps):
             opt.zero_grad()
-            loss = loss_fn(model(task.x_train), task.y_old_train)
+            loss = loss_fn(pretrain_output(task.x_train), task.y_old_train)
             loss.backward()
             opt.step()
             pretrain_losses.append(loss.item())
@@ -240,7 +254,7 @@ def replay_source_run(
             feats_val = model.act(model.backbone(task.x_val))
 
         def head_output(x: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
-            return model(x) if recompute_features else model.head(feats)
+            return model(x) if literal else model.head(feats)
 
         finetune_losses, val_losses = [], []
         for step in range(finetune_steps):

@@ -11,8 +11,9 @@ def short_run(**kwargs):
     return replay_source_run(pretrain_steps=3, finetune_steps=4, log_every=2, **kwargs)
 
 
-def test_features_computed_once_change_no_number(global_rng_untouched):
-    fast, literal = short_run(), short_run(recompute_features=True)
+def test_shortcuts_change_no_number(global_rng_untouched):
+    fast, literal = short_run(), short_run(literal=True)
+    assert fast.pretrain_losses == literal.pretrain_losses
     assert fast.log == literal.log
     assert fast.finetune_losses == literal.finetune_losses
     assert fast.val_losses == literal.val_losses
