@@ -56,6 +56,17 @@ def test_singular_values():
         lt.singular_values(torch.ones(3))
 
 
+@pytest.mark.parametrize("train_head", [False, True])
+def test_live_pretraining_reproduces_the_shipped_checkpoints(train_head):
+    # Chapter 3 (and 4, 6, the explorer) load these instead of pretraining again:
+    # they must be exactly what lt.pretrain makes (tools/make_checkpoint.py).
+    task, model = lt.source_setup()
+    lt.pretrain(model, task.x_train, task.y_old_train, train_head=train_head)
+    _, shipped = lt.pretrained_tiny_adapter(train_head=train_head)
+    for name, value in shipped.state_dict().items():
+        assert torch.allclose(model.state_dict()[name], value, atol=1e-4), name
+
+
 def test_head_pretrained_checkpoint_reproduces():
     # Chapter 3 loads this comparison run instead of pretraining it again (800 steps).
     task, model = lt.source_setup()
