@@ -62,10 +62,10 @@ __all__ = [
 #: The shipped pretrained model (written by ``tools/make_gpt2_checkpoint.py``).
 CHECKPOINT_PATH = Path(__file__).parent / "checkpoints" / "char_gpt2_numpy.safetensors"
 
-#: The model's shape: small enough to pretrain in a few minutes on one CPU thread.
+#: The model's shape, small enough to pretrain in a few minutes on one CPU thread.
 MODEL_SHAPE = {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 64}
 
-#: The pretraining recipe that ``tools/make_gpt2_checkpoint.py`` runs.
+#: The pretraining recipe, as ``tools/make_gpt2_checkpoint.py`` runs it.
 PRETRAIN = {"steps": 1500, "batch_size": 32, "lr": 3e-3, "seed": 0}
 
 

@@ -57,7 +57,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCo
             it trains "LoRA A/B and optional bias" of the head).
 
     The bias mode is recorded on the model as ``model.lora_bias_mode`` (as
-    PEFT's config records it), so that :func:`~lora_tutorial.save_adapter`
+    PEFT's config records it), so that :func:`~lora_tutorial.adapter_io.save_adapter`
     saves the biases that belong to the adapter even after everything has
     been frozen.
 

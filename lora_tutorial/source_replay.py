@@ -16,7 +16,7 @@ This module is that replay, labelled as such: the source's own ``LoRALinear``
 and its own training loops, on the global stream exactly as the source uses
 it. The data come from :func:`~lora_tutorial.data.make_adaptation_task`
 drawing from the global generator, which gives the source's very tensors.
-Everything runs inside :func:`torch.random.fork_rng`, so the caller's global
+Everything runs inside ``torch.random.fork_rng``, so the caller's global
 RNG state is left exactly as it was. The book's own code lives elsewhere;
 nothing else in the library uses these classes.
 
@@ -52,8 +52,8 @@ __all__ = [
     "source_initial_model",
 ]
 
-#: Cell orders a replay can follow: ``"executed"`` (data before the demo, as
-#: the execution counts show) or ``"displayed"`` (top to bottom as printed).
+#: The cell orders a replay can follow, ``"executed"`` (data before the demo,
+#: as the execution counts show) or ``"displayed"`` (top to bottom as printed).
 SOURCE_ORDERS = ("executed", "displayed")
 
 
