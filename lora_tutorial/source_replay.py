@@ -24,9 +24,9 @@ Two shortcuts, which change no number (pass ``literal=True`` for the source's
 loops exactly as written; a unit test checks that both agree bit for bit):
 
 * during pretraining ``B = 0`` and the adapter is frozen, so it adds exact
-  zeros to the output and to the gradient; the replay draws the dropout mask
-  its forward pass would draw (the only trace it leaves, on the random stream)
-  and skips the arithmetic;
+  zeros to the output and to the gradient; the replay advances the random
+  stream exactly as the dropout mask of its forward pass would (the only trace
+  the adapter leaves) and skips the arithmetic;
 * fine-tuning computes the frozen backbone's output once instead of at every
   step.
 """
@@ -224,8 +224,10 @@ def replay_source_run(
             if literal:
                 return model(x)
             h = model.act(model.backbone(x))
-            p = model.head.dropout.p
-            torch.empty_like(h).bernoulli_(1 - p)  # the mask dropout draws
+            # The mask dropout would draw: only its draws matter (it multiplies
+            # zeros), and randint below advances the stream exactly as
+            # bernoulli_ on a tensor of h's shape does, in two thirds the time.
+            torch.randint(0, 2**31, h.shape)
             return model.head.base(h)  # + the adapter's exact zeros
 
         for step in range(pretrain_steps):
