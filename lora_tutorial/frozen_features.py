@@ -148,14 +148,14 @@ class LowRankFit:
     """The best rank-``r`` change of a linear layer on fixed features.
 
     Attributes:
-        rank: the rank allowed.
-        delta_weight: the optimal change ``(k, d)`` (rank at most ``rank``).
+        r: the rank allowed.
+        delta_weight: the optimal change ``(k, d)`` (rank at most ``r``).
         bias: the optimal bias ``(k,)`` (the original bias if not fitted).
         loss: the MSE it reaches (mean over samples and outputs).
         full_rank_loss: the MSE of the best unrestricted change.
     """
 
-    rank: int
+    r: int
     delta_weight: torch.Tensor
     bias: torch.Tensor
     loss: float
@@ -167,16 +167,16 @@ def best_low_rank_update(
     stats: FeatureStats,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    rank: int,
+    r: int,
     fit_bias: bool = True,
 ) -> LowRankFit:
-    """The lowest MSE of ``(weight + ΔW) h + b`` with ``rank(ΔW) <= rank``.
+    """The lowest MSE of ``(weight + ΔW) h + b`` with ``rank(ΔW) <= r``.
 
     Args:
         stats: statistics of the frozen features and the targets.
         weight: the frozen weight ``W0`` ``(k, d)``.
         bias: the layer's bias ``(k,)`` (``None`` for none).
-        rank: the largest rank allowed for ``ΔW``.
+        r: the largest rank allowed for ``ΔW``.
         fit_bias: whether the bias may change too (as when it is trained).
 
     Reduced-rank regression: the unrestricted optimum is ordinary least
@@ -184,7 +184,7 @@ def best_low_rank_update(
     rank-``r`` change keeps the top ``r`` principal directions of the fitted
     values ``Mᵀ Σ M``, and the loss rises by the variance it drops.
     """
-    rank = check_positive_int("rank", rank)
+    r = check_positive_int("r", r)
     k, d = stats.d_out, stats.d_in
     if tuple(weight.shape) != (k, d):
         raise ValueError(
@@ -207,12 +207,12 @@ def best_low_rank_update(
     eigvals, eigvecs = torch.linalg.eigh((fitted_cov + fitted_cov.T) / 2)
     eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)  # big 1st
     full = (t_sq - float(eigvals.sum())) / k
-    loss = full + float(eigvals[rank:].sum()) / k
-    v = eigvecs[:, :rank]
-    delta_t = m @ v @ v.T  # (d, k): the top-`rank` directions of the fit
+    loss = full + float(eigvals[r:].sum()) / k
+    v = eigvecs[:, :r]
+    delta_t = m @ v @ v.T  # (d, k): the top-`r` directions of the fit
     new_bias = b0 + mean_t - delta_t.T @ stats.mean_h if fit_bias else b0
     return LowRankFit(
-        rank=rank,
+        r=r,
         delta_weight=delta_t.T.contiguous(),
         bias=new_bias,
         loss=max(loss, 0.0),

@@ -131,7 +131,7 @@ def test_best_low_rank_update_without_bias():
 def test_best_low_rank_update_errors():
     h, y = problem()
     stats = FeatureStats.from_data(h, y)
-    with pytest.raises(ValueError, match="rank must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="r must be a positive int, got 0"):
         best_low_rank_update(stats, torch.zeros(5, 12), None, 0)
     with pytest.raises(ValueError, match=r"shape \(5, 12\), got \(12, 5\)"):
         best_low_rank_update(stats, torch.zeros(12, 5), None, 1)
