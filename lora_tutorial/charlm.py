@@ -268,8 +268,9 @@ def write_checkpoint(path: Path = CHECKPOINT_PATH) -> list[float]:
 
     tokenizer = CharTokenizer()
     model, history = pretrain_char_gpt2(numpy_docstrings(tokenizer), **PRETRAIN)
-    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()
-             if not k.endswith("attn.bias") and k != "lm_head.weight"}
+    # lm_head.weight is the token embedding (GPT-2 ties them): stored once.
+    state = {k: v.detach().to(torch.float16).contiguous()
+             for k, v in model.state_dict().items() if k != "lm_head.weight"}
     meta = {
         "recipe": json.dumps(PRETRAIN),
         "first_losses": json.dumps(history[:20]),
@@ -297,7 +298,9 @@ def pretrained_char_gpt2() -> tuple[CharTokenizer, "GPT2LMHeadModel"]:
     model = char_gpt2(tokenizer.vocab_size)
     state = {k: v.float() for k, v in load_file(str(CHECKPOINT_PATH)).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(k.endswith("attn.bias") or k == "lm_head.weight" for k in missing)
+    if unexpected or missing != ["lm_head.weight"]:  # only the tied head is left out
+        raise ValueError(f"{CHECKPOINT_PATH.name} does not match the model: missing "
+                         f"{missing}, unexpected {unexpected}; run tools/make_gpt2_checkpoint.py")
     model.tie_weights()
     return tokenizer, model.eval()
 
