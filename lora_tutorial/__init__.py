@@ -35,13 +35,19 @@ from .data import (
 from .device import default_device
 from .digits import DigitsMLP, load_digit_tasks, pretrain_digits, pretrained_digits_mlp
 from .efficiency import activation_bytes, format_bytes, optimizer_state_bytes
-from .frozen_features import FeatureStats, LowRankFit, best_low_rank_update, fit_lora_on_stats
+from .frozen_features import (
+    FeatureStats,
+    LowRankFit,
+    best_low_rank_update,
+    fit_lora_on_stats,
+    fit_many_on_stats,
+)
 from .inject import add_lora, lora_layers, recorded_bias, saved_modules, unload_lora
-from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
+from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear, mirror_init_
 from .models import TinyAdapter
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
 from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
-from .training import OPTIMIZERS, evaluate, isolated_rng, train
+from .training import OPTIMIZERS, evaluate, isolated_rng, train, train_together
 
 __version__ = "0.1.0"
 
@@ -59,6 +65,7 @@ __all__ = [
     "evaluate",
     "FeatureStats",
     "fit_lora_on_stats",
+    "fit_many_on_stats",
     "format_bytes",
     "forward_with_mats",
     "INIT_MODES",
@@ -73,6 +80,7 @@ __all__ = [
     "make_linear",
     "make_task_matrices",
     "mark_only_lora_as_trainable",
+    "mirror_init_",
     "optimizer_state_bytes",
     "OPTIMIZERS",
     "ParamCount",
@@ -89,5 +97,6 @@ __all__ = [
     "synth_data",
     "TinyAdapter",
     "train",
+    "train_together",
     "unload_lora",
 ]

@@ -18,6 +18,7 @@ Two data sets:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -150,6 +151,18 @@ class AdaptationTask:
     def true_delta_weight(self) -> torch.Tensor:
         """``W_new2 - W_old2``: the change of the second layer that defines the new task, ``(d_out, d_hidden)``."""
         return self.mats["W_new2"] - self.mats["W_old2"]
+
+    def to(self, dtype: torch.dtype) -> "AdaptationTask":
+        """The same task with every tensor cast to ``dtype`` (the values drawn stay the values).
+
+        The book draws the source's data in float32, as the source does, and
+        computes in float64 (``task.to(torch.float64)``), so that what it prints
+        does not depend on the machine's floating-point kernels.
+        """
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        cast = {f.name: getattr(self, f.name).to(dtype) for f in dataclasses.fields(self) if f.name != "mats"}
+        return dataclasses.replace(self, mats={k: v.to(dtype) for k, v in self.mats.items()}, **cast)
 
 
 def make_adaptation_task(

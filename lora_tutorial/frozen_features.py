@@ -13,7 +13,10 @@ From it:
 * :func:`fit_lora_on_stats` trains a
   :class:`~lora_tutorial.layers.LoRALinear` with ``torch.optim.AdamW`` on
   that loss (autograd takes the gradients), so a step costs the same for
-  4,096 samples or 4 million.
+  4,096 samples or 4 million;
+* :func:`fit_many_on_stats` trains many such adapters at once, one vectorised
+  step for all of them (``torch.func.vmap``), which is how the book measures
+  a setting over several seeds and a grid of settings for the price of a few runs.
 
 The statistics are accumulated and kept in float64.
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -34,6 +38,7 @@ __all__ = [
     "LowRankFit",
     "best_low_rank_update",
     "fit_lora_on_stats",
+    "fit_many_on_stats",
 ]
 
 
@@ -302,3 +307,103 @@ def fit_lora_on_stats(
             f"training diverged (lr={lr}, alpha={layer.alpha}): the loss or "
             "the parameters stopped being finite; lower either")
     return history
+
+
+#: The parameters of a LoRALinear on an nn.Linear that the fits can train.
+_FIT_PARAMS = ("lora_A", "lora_B", "base.weight", "base.bias")
+
+
+def fit_many_on_stats(
+    layers: Sequence[LoRALinear],
+    stats: FeatureStats,
+    *,
+    steps: int,
+    lr: float,
+    record: str = "objective",
+) -> list[list[float]]:
+    """Train several adapters on the same statistics at once.
+
+    Each layer is trained exactly as :func:`fit_lora_on_stats` trains it alone
+    (AdamW on ``stats.mse(W0 + ΔW, b)`` plus dropout's expected penalty), up to
+    rounding, but all of them share each step: their trainable tensors are
+    stacked along a new first dimension, ``torch.func.vmap`` computes every
+    layer's loss in one batched pass, and one AdamW steps the stacks. AdamW
+    updates each number on its own, and the sum of the losses gives each layer
+    exactly its own gradient, so this is one optimizer per layer in disguise.
+    The layers may differ in their numbers (initial ``A`` and ``B``, base
+    weight and bias) and in their scaling (alpha, rsLoRA); they must share the
+    rank, the base's shape, the dropout rate and which parameters train.
+
+    Args:
+        layers: unmerged :class:`~lora_tutorial.layers.LoRALinear` layers on
+            ``nn.Linear`` bases of shape ``(stats.d_out, stats.d_in)``.
+        stats, steps, lr, record: as for :func:`fit_lora_on_stats`.
+
+    Returns:
+        For each layer, the recorded value before each step.
+
+    Raises:
+        FloatingPointError: if any layer's loss stops being finite; every
+            layer is then left as it was.
+    """
+    steps = check_positive_int("steps", steps)
+    lr = check_positive_finite("lr", lr)
+    check_choice("record", record, ("objective", "mse"))
+    if isinstance(layers, nn.Module) or not isinstance(layers, (list, tuple)) or not layers:
+        raise TypeError("layers must be a non-empty list of LoRALinear layers")
+    first = layers[0]
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, LoRALinear) or type(layer.base) is not nn.Linear:
+            raise TypeError(f"layers[{i}] must be a LoRALinear on an nn.Linear, got "
+                            f"{type(layer).__name__}")
+        if layer.merged:
+            raise RuntimeError(f"layers[{i}] is merged: call unmerge_weights_() first")
+        if (stats.d_out, stats.d_in) != (layer.out_features, layer.in_features):
+            raise ValueError(
+                f"stats are for a ({stats.d_out}, {stats.d_in}) layer, layers[{i}] is a "
+                f"({layer.out_features}, {layer.in_features}) layer")
+        mine = {n: p.requires_grad for n, p in layer.named_parameters()}
+        theirs = {n: p.requires_grad for n, p in first.named_parameters()}
+        if (layer.r, layer.dropout_p, mine, layer.lora_A.dtype) != (
+                first.r, first.dropout_p, theirs, first.lora_A.dtype):
+            raise ValueError(
+                f"layers[{i}] differs from layers[0] in its rank, dropout, dtype or "
+                "trainable parameters; fit_many_on_stats trains layers that differ "
+                "only in their numbers and scaling")
+    names = [n for n in _FIT_PARAMS if n in dict(first.named_parameters())]
+    stacked = {n: torch.stack([l.get_parameter(n).detach() for l in layers]) for n in names}
+    trainable = [n for n in names if first.get_parameter(n).requires_grad]
+    if not trainable:
+        raise ValueError("the layers have no trainable parameters: nothing to train")
+    for n in trainable:
+        stacked[n].requires_grad_(True)
+    scaling = torch.tensor([l.scaling for l in layers], dtype=first.lora_A.dtype)
+    p = first.dropout_p
+
+    def losses(t: dict[str, torch.Tensor], s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        delta = s * (t["lora_B"] @ t["lora_A"])
+        mse = stats.mse(t["base.weight"] + delta, t.get("base.bias"))
+        return mse + stats.dropout_penalty(delta, p), mse
+
+    batched = torch.func.vmap(losses)
+    optimizer = torch.optim.AdamW([stacked[n] for n in trainable], lr=lr, fused=True)
+    histories: list[list[float]] = [[] for _ in layers]
+    for _ in range(steps):
+        objective, mse = batched(stacked, scaling)
+        for history, value in zip(histories, (objective if record == "objective" else mse).tolist()):
+            history.append(value)
+        optimizer.zero_grad()
+        objective.sum().backward()
+        optimizer.step()
+    finite = all(math.isfinite(v) for h in histories for v in h) and all(
+        bool(torch.isfinite(stacked[n]).all()) for n in trainable)
+    if not finite:
+        bad = [i for i, h in enumerate(histories) if not all(map(math.isfinite, h))]
+        raise FloatingPointError(
+            f"training diverged (lr={lr}) for layers {bad or 'with non-finite parameters'}: "
+            "the layers are left as they were; lower lr or alpha")
+    with torch.no_grad():
+        for n in trainable:
+            for i, layer in enumerate(layers):
+                layer.get_parameter(n).copy_(stacked[n][i])
+    return histories

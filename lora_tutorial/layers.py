@@ -36,7 +36,7 @@ from ._checks import (
     check_probability,
 )
 
-__all__ = ["INIT_MODES", "LoRALayer", "LoRALinear", "make_linear"]
+__all__ = ["INIT_MODES", "LoRALayer", "LoRALinear", "make_linear", "mirror_init_"]
 
 #: How :class:`LoRALinear` can start ``lora_A`` (``lora_B`` starts at zero).
 INIT_MODES = ("normal", "kaiming", "gaussian")
@@ -418,3 +418,23 @@ def _check_hparams(
         check_choice("init", init, INIT_MODES),
         check_positive_finite("init_scale", init_scale),
     )
+
+
+@torch.no_grad()
+def mirror_init_(layer: LoRALinear, seed: int | torch.Generator = 0) -> None:
+    """Start ``layer`` from the mirror image of the usual start: ``A = 0``, ``B`` random.
+
+    ``B`` (shape ``(out_features, r)``) is drawn as PyTorch draws the weight of a
+    layer with ``r`` inputs, Kaiming-uniform with bound ``1/sqrt(r)``, just as the
+    ``"kaiming"`` start draws ``A`` as a layer with ``in_features`` inputs. This is
+    Hayou et al.'s Init[B] (2024), whose variance for ``B`` scales like ``1/r``.
+    The update ``B @ A`` is zero either way. Chapters 2 and 5 compare the two.
+    """
+    if not isinstance(layer, LoRALinear):
+        raise TypeError(f"layer must be a LoRALinear, got {type(layer).__name__}")
+    gen = as_generator(seed)
+    layer._refuse_while_merged("re-initialise the adapter")
+    b = torch.empty(layer.lora_B.shape, dtype=layer.lora_B.dtype)  # drawn on the CPU
+    nn.init.kaiming_uniform_(b, a=math.sqrt(5), generator=gen)
+    layer.lora_A.zero_()
+    layer.lora_B.copy_(b)

@@ -96,20 +96,29 @@ def write_checkpoint(path: Path | None = None, *, train_head: bool = False) -> l
     return history
 
 
-def pretrained_tiny_adapter(train_head: bool = False) -> tuple[AdaptationTask, TinyAdapter]:
+def pretrained_tiny_adapter(
+    train_head: bool = False, *, dtype: torch.dtype = torch.float32
+) -> tuple[AdaptationTask, TinyAdapter]:
     """The source's task and its model after pretraining, loaded from a shipped checkpoint.
 
     ``train_head=False`` (the source's pretraining, head frozen) or ``True``
     (the comparison run whose head's base layer was pretrained too). The
     model is returned ready for fine-tuning: backbone and head base frozen,
     only the adapter (``lora_A``, ``lora_B``) trainable, and in training mode.
+    ``dtype`` casts the task's tensors and the model after loading (the data
+    are drawn and the checkpoint is stored in float32; the book computes in
+    float64, so that its printed digits agree on every machine).
     """
     from safetensors.torch import load_file
 
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     path = _checkpoint_path(train_head)
     task, model = source_setup()
     model.load_state_dict(load_file(str(path)))
     model.requires_grad_(False)
     model.head.lora_A.requires_grad_(True)
     model.head.lora_B.requires_grad_(True)
+    if dtype != torch.float32:
+        task, model = task.to(dtype), model.to(dtype)
     return task, model

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from ._checks import as_generator, check_bool, check_choice, check_positive_finite, check_positive_int
 
-__all__ = ["OPTIMIZERS", "evaluate", "isolated_rng", "train"]
+__all__ = ["OPTIMIZERS", "evaluate", "isolated_rng", "train", "train_together"]
 
 #: Optimizers :func:`train` knows, by name.
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -88,6 +88,14 @@ def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn | 
     return loss_fn(prediction, y)
 
 
+def _optimizer(name: str, params: list[torch.Tensor], lr: float) -> torch.optim.Optimizer:
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
+
+
 def train(
     model: nn.Module,
     x: torch.Tensor,
@@ -138,13 +146,7 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters: nothing to train (did you freeze everything?)")
-    opt: torch.optim.Optimizer
-    if optimizer == "adamw":
-        opt = torch.optim.AdamW(params, lr=lr)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    else:
-        opt = torch.optim.SGD(params, lr=lr)
+    opt = _optimizer(optimizer, params, lr)
     history: list[float] = []
     with _modes(model, True), isolated_rng(seed, x.device):
         for step in range(1, steps + 1):
@@ -187,3 +189,123 @@ def evaluate(
     as_generator(seed)
     with _modes(model, train_mode), isolated_rng(seed, x.device):
         return _loss(model, x, y, loss_fn).item()
+
+
+def _stacked(name: str, value: object, n: int) -> tuple[torch.Tensor, int | None]:
+    """A tensor shared by every model (``in_dims`` None) or one per model, stacked (0)."""
+    if isinstance(value, torch.Tensor):
+        return value, None
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        raise TypeError(
+            f"{name} must be a torch.Tensor shared by all {n} models or a list of {n} "
+            f"tensors, one per model, got {type(value).__name__}"
+            + (f" of length {len(value)}" if isinstance(value, (list, tuple)) else ""))
+    shapes = {tuple(t.shape) if isinstance(t, torch.Tensor) else None for t in value}
+    if len(shapes) != 1 or None in shapes:
+        raise ValueError(f"{name}: the {n} tensors must all have one shape, got {sorted(map(str, shapes))}")
+    return torch.stack(list(value)), 0
+
+
+def _settings(model: nn.Module) -> list[object]:
+    """What a forward pass reads besides tensors: the printed structure and LoRA settings."""
+    lora = [(n, m.scaling, m.merged, m._adapter_enabled, m.fan_in_fan_out)
+            for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")]
+    return [str(model), lora]
+
+
+def train_together(
+    models: Sequence[nn.Module],
+    x: torch.Tensor | Sequence[torch.Tensor],
+    y: torch.Tensor | Sequence[torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    optimizer: str = "adamw",
+    loss_fn: LossFn | None = None,
+) -> list[list[float]]:
+    """Train several models of one architecture at once, in one vectorised pass per step.
+
+    Each model is trained as :func:`train` would train it alone (full batch, its
+    own optimizer, on its own data), up to rounding, but all of them share every
+    step: their parameters are stacked along a new first dimension
+    (``torch.func.stack_module_state``), one call computes every model's loss
+    (``torch.func.vmap`` over ``torch.func.functional_call``), and one optimizer
+    steps the stacked tensors. AdamW, Adam and SGD update each number on its own,
+    so one optimizer over the stack is the same as one per model, and the sum of
+    the losses gives each model exactly its own gradient. The trained values are
+    copied back into the models. This is how a chapter measures a claim over
+    several seeds for little more than the price of one.
+
+    Args:
+        models: ``m`` models of one class, with the same parameter names, shapes,
+            trainable set and settings (a LoRA layer's rank, alpha and scaling
+            rule included), and no active dropout: dropout masks drawn inside
+            ``vmap`` could not be the ones :func:`train` draws, so train such
+            models one by one.
+        x, y: one tensor shared by every model, or a list of ``m`` tensors of one
+            shape, one per model (for instance one data set per seed).
+        steps, lr, optimizer, loss_fn: as for :func:`train`.
+
+    Returns:
+        For each model, the training loss of every step, before that step's update.
+    """
+    if isinstance(models, nn.Module) or not isinstance(models, (list, tuple)) or not models:
+        raise TypeError("models must be a non-empty list of torch.nn.Module")
+    for i, model in enumerate(models):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"models[{i}] must be a torch.nn.Module, got {type(model).__name__}")
+    n = len(models)
+    xs, x_dim = _stacked("x", x, n)
+    ys, y_dim = _stacked("y", y, n)
+    for i in range(n):
+        _check_data(xs if x_dim is None else xs[i], ys if y_dim is None else ys[i])
+    steps = check_positive_int("steps", steps)
+    lr = check_positive_finite("lr", lr)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    template = models[0]
+    layout = [(k, tuple(p.shape), p.requires_grad) for k, p in template.named_parameters()]
+    for i, model in enumerate(models[1:], start=1):
+        if type(model) is not type(template) or _settings(model) != _settings(template) or [
+                (k, tuple(p.shape), p.requires_grad) for k, p in model.named_parameters()] != layout:
+            raise ValueError(
+                f"models[{i}] differs from models[0] in its class, parameters, trainable set "
+                "or settings (rank, alpha, scaling rule, merged state): train_together needs "
+                "models of one architecture that differ only in their numbers")
+    for i, model in enumerate(models):
+        for name, module in model.named_modules():
+            p = getattr(module, "dropout_p", getattr(module, "p", 0.0)) \
+                if isinstance(module, nn.Dropout) or hasattr(module, "dropout_p") else 0.0
+            if p:
+                raise ValueError(
+                    f"models[{i}]: {name or 'the model'} has dropout {p}: dropout masks drawn "
+                    "inside vmap cannot be train()'s, so train models with dropout one by one")
+    if not any(trainable for *_, trainable in layout):
+        raise ValueError("the models have no trainable parameters: nothing to train")
+    params, buffers = torch.func.stack_module_state(list(models))
+    trainable = [t for t in params.values() if t.requires_grad]
+    opt = _optimizer(optimizer, trainable, lr)
+
+    def one_loss(p: dict, b: dict, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        return _loss(lambda inp: torch.func.functional_call(template, (p, b), (inp,)), xi, yi, loss_fn)
+
+    batched = torch.func.vmap(one_loss, in_dims=(0, 0, x_dim, y_dim))
+    histories: list[list[float]] = [[] for _ in models]
+    with _modes(template, True):
+        for step in range(1, steps + 1):
+            opt.zero_grad(set_to_none=True)
+            losses = batched(params, buffers, xs, ys)
+            values = losses.tolist()
+            for i, value in enumerate(values):
+                if not math.isfinite(value):
+                    raise FloatingPointError(
+                        f"the training loss of models[{i}] became {value} at step {step} "
+                        f"(lr={lr}): the training diverged; lower the learning rate or alpha")
+                histories[i].append(value)
+            losses.sum().backward()
+            opt.step()
+    with torch.no_grad():
+        for name, stacked in params.items():
+            if stacked.requires_grad:
+                for i, model in enumerate(models):
+                    model.get_parameter(name).copy_(stacked[i])
+    return histories
