@@ -4,12 +4,29 @@ from __future__ import annotations
 
 import ast
 import inspect
+import logging
 import textwrap
 from typing import Any
 
 import matplotlib as mpl
 
 __all__ = ["BOOK_STYLE", "glue", "source_code", "use_book_style"]
+
+class _NoHubKernelMessage(logging.Filter):
+    """Drop bitsandbytes' note that it could not download an optional CPU kernel.
+
+    On CPUs with AVX512-BF16, importing bitsandbytes (which PEFT does) tries to
+    fetch a faster 4-bit kernel from the Hugging Face hub and logs a warning
+    when it cannot. The book downloads nothing and never needs that kernel, so
+    the message would only put stderr into the chapters' outputs on some
+    machines; every other message of bitsandbytes still shows.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelMessage())
 
 #: The MIME prefix under which myst-nb looks for glued values.
 GLUE_PREFIX = "application/papermill.record/"

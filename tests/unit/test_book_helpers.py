@@ -30,3 +30,13 @@ def test_source_code_drops_docstrings_and_keeps_code():
     assert source.startswith("@torch.no_grad()\ndef merge_weights_(self) -> None:\n")
     assert '"""' not in source and "self.base.weight += delta" in source
     assert '"""' not in book.source_code(lt.LoRALayer)
+
+
+def test_the_book_drops_only_bitsandbytes_hub_kernel_message(caplog):
+    import logging
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.WARNING, logger=logger.name):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s", "x")
+        logger.warning("a real problem")
+    assert [r.getMessage() for r in caplog.records] == ["a real problem"]
