@@ -14,6 +14,7 @@ One concept per module, all re-exported here:
 * :mod:`~lora_tutorial.frozen_features`: best low-rank updates and fast training on frozen features.
 * :mod:`~lora_tutorial.efficiency`: measuring optimizer state and activations.
 * :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model.
+* :mod:`~lora_tutorial.quant`: 4-bit NormalFloat (NF4), double quantisation, :class:`NF4Linear`.
 * :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
 * :mod:`~lora_tutorial.device`: :func:`default_device`.
@@ -41,6 +42,20 @@ from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
 from .models import TinyAdapter
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
 from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
+from .quant import (
+    NF4Linear,
+    NF4Tensor,
+    bits_per_parameter,
+    dequantize_blocks,
+    dynamic_map,
+    fake_quantize,
+    fp4_levels,
+    int4_levels,
+    nf4_levels,
+    quantization_errors,
+    quantize_blocks,
+    quantize_nf4,
+)
 from .training import OPTIMIZERS, evaluate, isolated_rng, train
 
 __version__ = "0.1.0"
@@ -52,16 +67,22 @@ __all__ = [
     "add_lora",
     "best_low_rank_update",
     "BIAS_MODES",
+    "bits_per_parameter",
     "count_parameters",
     "create_toy_dataset",
     "default_device",
+    "dequantize_blocks",
     "DigitsMLP",
+    "dynamic_map",
     "evaluate",
+    "fake_quantize",
     "FeatureStats",
     "fit_lora_on_stats",
     "format_bytes",
     "forward_with_mats",
+    "fp4_levels",
     "INIT_MODES",
+    "int4_levels",
     "isolated_rng",
     "load_adapter",
     "load_digit_tasks",
@@ -73,6 +94,9 @@ __all__ = [
     "make_linear",
     "make_task_matrices",
     "mark_only_lora_as_trainable",
+    "nf4_levels",
+    "NF4Linear",
+    "NF4Tensor",
     "optimizer_state_bytes",
     "OPTIMIZERS",
     "ParamCount",
@@ -80,6 +104,9 @@ __all__ = [
     "pretrain_digits",
     "pretrained_digits_mlp",
     "pretrained_tiny_adapter",
+    "quantization_errors",
+    "quantize_blocks",
+    "quantize_nf4",
     "recorded_bias",
     "relative_update_norm",
     "save_adapter",

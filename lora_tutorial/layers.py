@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from typing import Any, Iterator
 
 import torch
@@ -35,6 +34,7 @@ from ._checks import (
     check_positive_int,
     check_probability,
 )
+from ._checks import conv1d_type as _conv1d_type
 
 __all__ = ["INIT_MODES", "LoRALayer", "LoRALinear", "make_linear"]
 
@@ -363,16 +363,6 @@ class LoRALinear(_LoRABookkeeping):
     def _as_stored(self, delta: torch.Tensor) -> torch.Tensor:
         """``delta`` laid out as the base weight (``Conv1D``: transposed)."""
         return delta.T if self.fan_in_fan_out else delta
-
-
-def _conv1d_type() -> type | None:
-    """GPT-2's ``transformers.pytorch_utils.Conv1D``, if transformers is loaded.
-
-    A ``Conv1D`` can only exist once its module has been imported, so this
-    never imports ``transformers`` (an optional dependency) itself.
-    """
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
 
 
 def _features(layer: object) -> tuple[tuple[int, int], bool]:
