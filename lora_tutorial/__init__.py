@@ -13,7 +13,8 @@ One concept per module, all re-exported here:
   (its own classes and loops, on the global RNG, isolated); import it explicitly.
 * :mod:`~lora_tutorial.frozen_features`: best low-rank updates and fast training on frozen features.
 * :mod:`~lora_tutorial.efficiency`: measuring optimizer state and activations.
-* :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model.
+* :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model,
+  :func:`quantize_model` and :func:`dequantize_model` (QLoRA's 4-bit base).
 * :mod:`~lora_tutorial.quant`: 4-bit NormalFloat (NF4), double quantisation, :class:`NF4Linear`.
 * :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
@@ -37,7 +38,15 @@ from .device import default_device
 from .digits import DigitsMLP, load_digit_tasks, pretrain_digits, pretrained_digits_mlp
 from .efficiency import activation_bytes, format_bytes, optimizer_state_bytes
 from .frozen_features import FeatureStats, LowRankFit, best_low_rank_update, fit_lora_on_stats
-from .inject import add_lora, lora_layers, recorded_bias, saved_modules, unload_lora
+from .inject import (
+    add_lora,
+    dequantize_model,
+    lora_layers,
+    quantize_model,
+    recorded_bias,
+    saved_modules,
+    unload_lora,
+)
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
 from .models import TinyAdapter
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
@@ -72,6 +81,7 @@ __all__ = [
     "create_toy_dataset",
     "default_device",
     "dequantize_blocks",
+    "dequantize_model",
     "DigitsMLP",
     "dynamic_map",
     "evaluate",
@@ -106,6 +116,7 @@ __all__ = [
     "pretrained_tiny_adapter",
     "quantization_errors",
     "quantize_blocks",
+    "quantize_model",
     "quantize_nf4",
     "recorded_bias",
     "relative_update_norm",

@@ -6,7 +6,8 @@ and the dequantised weights are compared with ``torch.equal`` against
 and ``dequantize_4bit`` on random, heavy-tailed, tiny and odd-sized tensors and
 on chapter 7's trained GPT-2 weights, in float32, bfloat16 and float16. Three
 rounding rules bitsandbytes' CPU code fixes are each checked on a case that
-tells them apart. ``NF4Linear`` computes what bitsandbytes' ``Linear4bit`` does.
+tells them apart. ``LoRALinear(base=NF4Linear)`` gives PEFT's LoRA on
+bitsandbytes' ``Linear4bit`` exactly (tolerance 0, in training mode).
 """
 
 import copy
@@ -377,3 +378,160 @@ def test_nf4linear_refuses_what_cannot_work():
     with pytest.raises(ValueError, match=r"last dimension 4 \(in_features\), got shape \(2, 5\)"):
         layer(torch.ones(2, 5))
     assert not hasattr(layer, "weight")  # nothing float to train or to merge into
+
+
+# --- QLoRA: LoRALinear on an NF4 base ---------------------------------------------------
+
+
+def test_lora_on_an_nf4_base_reuses_lora_linear():
+    base = lt.NF4Linear.from_linear(lt.make_linear(64, 32, seed=0))
+    layer = lt.LoRALinear.from_linear(base, r=4, alpha=8, seed=1)
+    assert layer.base is base and not layer.fan_in_fan_out
+    assert layer.lora_A.dtype == torch.float32
+    x = torch.randn(5, 64, generator=gen(2))
+    assert torch.equal(layer(x), base(x))  # B = 0
+    assert lt.count_parameters(layer).trainable == 4 * (64 + 32)
+    optimizer = torch.optim.AdamW([layer.lora_A, layer.lora_B], lr=1e-2)
+    packed = base.packed.clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        (layer(x) - 1).pow(2).mean().backward()
+        optimizer.step()
+    assert torch.equal(base.packed, packed) and not torch.equal(layer(x), base(x))
+    with layer.disable_adapter():
+        assert torch.equal(layer(x), base(x))
+    with pytest.raises(TypeError, match="cannot merge into the NF4Linear base.*dequantize_model"):
+        layer.merge_weights_()
+    assert not layer.merged
+
+
+class TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = lt.make_linear(64, 128, seed=0)
+        self.down = lt.make_linear(128, 64, seed=1)
+        self.norm = nn.LayerNorm(64)
+
+    def forward(self, x):
+        return self.norm(self.down(torch.relu(self.up(x))))
+
+
+def test_quantize_model_then_add_lora_then_merge_into_a_dequantised_copy():
+    model = TwoLayers()
+    original = copy.deepcopy(model)
+    assert lt.quantize_model(model, ["up", "down"]) is model
+    assert isinstance(model.up, lt.NF4Linear) and model.up.double_quant
+    lt.add_lora(model, "all-linear", r=4, seed=0)
+    with torch.no_grad():
+        for _, layer in lt.lora_layers(model):
+            layer.lora_B.normal_(std=0.05, generator=gen(3))
+    x = torch.randn(8, 64, generator=gen(4))
+    adapted = model(x)
+    with pytest.raises(TypeError, match="cannot merge into the NF4Linear base of 'up'"):
+        lt.unload_lora(model)
+    assert isinstance(model.up, lt.LoRALinear)  # nothing changed
+    # Merge into a dequantised copy: the same function, up to float rounding.
+    merged = lt.unload_lora(lt.dequantize_model(copy.deepcopy(model)))
+    assert type(merged.up) is nn.Linear and type(merged.down) is nn.Linear
+    assert torch.allclose(merged(x), adapted, atol=1e-5)
+    # Quantising the merged weights again adds a new quantisation error.
+    requantized = lt.quantize_model(copy.deepcopy(merged), ["up", "down"])
+    added = (requantized(x) - adapted).abs().max()
+    first = (lt.quantize_model(copy.deepcopy(original), ["up", "down"])(x) - original(x)).abs().max()
+    assert 0.3 * first < added < 3 * first  # an error of the same size as quantising at all
+
+
+def test_quantize_model_refuses_and_changes_nothing():
+    model = TwoLayers()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="cannot be quantised: it is a LayerNorm"):
+        lt.quantize_model(model, ["up", "norm"])
+    with pytest.raises(ValueError, match=r"target_modules \['nope'\] match no module"):
+        lt.quantize_model(model, ["up", "nope"])
+    with pytest.raises(ValueError, match="blocksize must be a positive int"):
+        lt.quantize_model(model, ["up"], blocksize=-1)
+    with pytest.raises(TypeError, match="double_quant must be True or False"):
+        lt.quantize_model(model, ["up"], double_quant="yes")
+    model.down.weight.data[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="the weight of 'down' has 1 non-finite value"):
+        lt.quantize_model(model, ["up", "down"])
+    assert isinstance(model.up, nn.Linear)
+    model.down.weight.data[0, 0] = before["down.weight"][0, 0]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    lt.quantize_model(model, ["up"])
+    with pytest.raises(ValueError, match="'up', which cannot be quantised: it is an NF4Linear already"):
+        lt.quantize_model(model, ["up"])
+    lt.add_lora(model, ["down"])
+    with pytest.raises(ValueError, match="quantise the base before adding LoRA"):
+        lt.quantize_model(model, ["down"])
+
+
+def test_quantize_model_on_gpt2_leaves_the_tied_head_alone():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with lt.isolated_rng(0):
+        model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=96,
+                                           n_positions=16, bos_token_id=0, eos_token_id=0)).eval()
+    with pytest.raises(ValueError, match="'lm_head', whose weight is shared with 'transformer.wte'"):
+        lt.quantize_model(model, ["lm_head"])
+    lt.quantize_model(model, "all-linear")
+    quantized = [name for name, m in model.named_modules() if isinstance(m, lt.NF4Linear)]
+    assert quantized == ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                         "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model(torch.randint(0, 96, (1, 8), generator=gen(0)))  # runs
+
+
+# --- against the ecosystem: PEFT's LoRA on bitsandbytes' Linear4bit ---------------------
+
+
+class Proj(nn.Module):
+    is_loaded_in_4bit = True  # how PEFT tells a bitsandbytes model (transformers sets it)
+
+    def __init__(self, layer):
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_qlora_layer_equals_peft_lora_on_bitsandbytes_linear4bit(double_quant):
+    from peft import LoraConfig, get_peft_model
+
+    linear = lt.make_linear(128, 192, seed=0)
+    ours = lt.LoRALinear.from_linear(lt.NF4Linear.from_linear(linear, double_quant=double_quant),
+                                     r=4, alpha=8, seed=1)
+    with torch.no_grad():
+        ours.lora_B.normal_(std=0.05, generator=gen(2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # transformers' gradient-checkpointing rename
+        theirs = get_peft_model(Proj(bnb_linear4bit(linear, double_quant)),
+                                LoraConfig(r=4, lora_alpha=8, target_modules=["proj"]))
+    peft_layer = theirs.base_model.model.proj
+    assert type(peft_layer).__module__ == "peft.tuners.lora.bnb"  # PEFT's Linear4bit
+    with torch.no_grad():
+        peft_layer.lora_A["default"].weight.copy_(ours.lora_A)
+        peft_layer.lora_B["default"].weight.copy_(ours.lora_B)
+    x = torch.randn(4, 7, 128, generator=gen(3), requires_grad=True)
+    # Tolerance 0: the same dequantised weight, the same F.linear, the same adapter sums.
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_bitsandbytes_eval_mode_on_avx512_bf16_computes_in_bfloat16():
+    # On a CPU with AVX512-BF16, Linear4bit in eval mode without gradients repacks its
+    # weight (in place) and computes in bfloat16: close to ours, not equal.
+    # support_avx512bf16_for_cpu = False keeps the float32 path.
+    if not bf.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16")
+    linear = lt.make_linear(128, 192, seed=0)
+    ours = lt.NF4Linear.from_linear(linear)
+    x = torch.randn(4, 128, generator=gen(3))
+    with torch.no_grad():
+        kept = bnb_linear4bit(linear, True).eval()
+        kept.support_avx512bf16_for_cpu = False
+        assert torch.equal(kept(x), ours(x))
+        fast = bnb_linear4bit(linear, True).eval()
+        difference = (fast(x) - ours(x)).abs().max() / ours(x).abs().max()
+        assert 0 < difference < 0.02
