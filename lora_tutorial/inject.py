@@ -166,6 +166,10 @@ def _check_modules_to_save(model: nn.Module, names: list[str],
             raise ValueError(
                 f"modules_to_save matches {name!r}, which is or holds a LoRALinear: "
                 "a module is either adapted or saved whole, not both")
+        if any(isinstance(m, NF4Linear) for m in module.modules()):
+            raise ValueError(
+                f"modules_to_save matches {name!r}, which is or holds an NF4Linear: its "
+                "4-bit weight cannot be trained whole (dequantize_model first, or adapt it)")
         nested = [p for p in paths if p != name and p.startswith(name + ".")]
         if nested:
             raise ValueError(

@@ -461,6 +461,10 @@ def test_quantize_model_refuses_and_changes_nothing():
     lt.quantize_model(model, ["up"])
     with pytest.raises(ValueError, match="'up', which cannot be quantised: it is an NF4Linear already"):
         lt.quantize_model(model, ["up"])
+    with pytest.raises(ValueError, match="'up', which is or holds an NF4Linear: its 4-bit weight "
+                                         "cannot be trained whole"):
+        lt.add_lora(model, ["down"], modules_to_save=["up"])
+    assert type(model.down) is nn.Linear
     lt.add_lora(model, ["down"])
     with pytest.raises(ValueError, match="quantise the base before adding LoRA"):
         lt.quantize_model(model, ["down"])
