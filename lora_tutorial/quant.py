@@ -480,7 +480,7 @@ def fake_quantize(weight: torch.Tensor, scheme: str = "nf4",
 
 
 def quantization_errors(weight: torch.Tensor, blocksize: int = BLOCK_SIZE) -> dict[str, float]:
-    """The relative error ``‖W − Q(W)‖ / ‖W‖`` (Frobenius) of each scheme in :data:`SCHEMES`.
+    """The relative error ``‖W − Q(W)‖ / ‖W‖`` (Frobenius) of each of :data:`SCHEMES`.
 
     ``weight`` of any shape; returns ``{"nf4": ..., "fp4": ..., "int4": ...}``.
     """
@@ -596,8 +596,9 @@ class NF4Linear(nn.Module):
 
     def quantized(self) -> NF4Tensor:
         """The stored weight as an :class:`NF4Tensor` (the buffers, not copies)."""
-        return NF4Tensor(self.packed, self.absmax, torch.Size((self.out_features, self.in_features)),
-                         self.weight_dtype, self.blocksize, self.absmax_scales, self.absmax_offset)
+        shape = torch.Size((self.out_features, self.in_features))
+        return NF4Tensor(self.packed, self.absmax, shape, self.weight_dtype, self.blocksize,
+                         self.absmax_scales, self.absmax_offset)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight ``(out_features, in_features)``, in ``dtype`` (default: the original)."""

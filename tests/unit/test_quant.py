@@ -75,11 +75,12 @@ def tensors():
     cases = {
         "normal (192, 64)": torch.randn(192, 64, generator=g),
         "heavy tails (64, 256)": torch.randn(64, 256, generator=g) ** 3,
-        "small, uneven scale (33, 64)": torch.randn(33, 64, generator=g) * torch.rand(33, 1, generator=g) * 1e-3,
+        "small, uneven scale (33, 64)":
+            torch.randn(33, 64, generator=g) * torch.rand(33, 1, generator=g) * 1e-3,
         "odd (5, 33)": torch.randn(5, 33, generator=g),
         "odd 1-D (16451,), 258 blocks": torch.randn(257 * 64 + 3, generator=g),
         "one value (1, 1)": torch.randn(1, 1, generator=g),
-        "zeros and a block of zeros": torch.cat([torch.zeros(64), torch.randn(64, generator=g)]).reshape(2, 64),
+        "a block of zeros": torch.cat([torch.zeros(64), torch.randn(64, generator=g)]).reshape(2, 64),
     }
     weights = gpt2_weights()
     cases["GPT-2 c_attn (192, 64)"] = weights["transformer.h.0.attn.c_attn.weight"]
