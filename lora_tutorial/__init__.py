@@ -13,7 +13,9 @@ One concept per module, all re-exported here:
   (its own classes and loops, on the global RNG, isolated); import it explicitly.
 * :mod:`~lora_tutorial.frozen_features`: best low-rank updates and fast training on frozen features.
 * :mod:`~lora_tutorial.efficiency`: measuring optimizer state and activations.
-* :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model.
+* :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model,
+  :func:`quantize_model` and :func:`dequantize_model` (QLoRA's 4-bit base).
+* :mod:`~lora_tutorial.quant`: 4-bit NormalFloat (NF4), double quantisation, :class:`NF4Linear`.
 * :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
 * :mod:`~lora_tutorial.device`: :func:`default_device`.
@@ -42,11 +44,33 @@ from .frozen_features import (
     fit_lora_on_stats,
     fit_many_on_stats,
 )
-from .inject import add_lora, lora_layers, recorded_bias, saved_modules, unload_lora
+from .inject import (
+    add_lora,
+    dequantize_model,
+    lora_layers,
+    quantize_model,
+    recorded_bias,
+    saved_modules,
+    unload_lora,
+)
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear, mirror_init_
 from .models import TinyAdapter
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
 from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
+from .quant import (
+    NF4Linear,
+    NF4Tensor,
+    bits_per_parameter,
+    dequantize_blocks,
+    dynamic_map,
+    fake_quantize,
+    fp4_levels,
+    int4_levels,
+    nf4_levels,
+    quantization_errors,
+    quantize_blocks,
+    quantize_nf4,
+)
 from .training import OPTIMIZERS, evaluate, isolated_rng, train, train_together
 
 __version__ = "0.1.0"
@@ -58,17 +82,24 @@ __all__ = [
     "add_lora",
     "best_low_rank_update",
     "BIAS_MODES",
+    "bits_per_parameter",
     "count_parameters",
     "create_toy_dataset",
     "default_device",
+    "dequantize_blocks",
+    "dequantize_model",
     "DigitsMLP",
+    "dynamic_map",
     "evaluate",
+    "fake_quantize",
     "FeatureStats",
     "fit_lora_on_stats",
     "fit_many_on_stats",
     "format_bytes",
     "forward_with_mats",
+    "fp4_levels",
     "INIT_MODES",
+    "int4_levels",
     "isolated_rng",
     "load_adapter",
     "load_digit_tasks",
@@ -81,6 +112,9 @@ __all__ = [
     "make_task_matrices",
     "mark_only_lora_as_trainable",
     "mirror_init_",
+    "nf4_levels",
+    "NF4Linear",
+    "NF4Tensor",
     "optimizer_state_bytes",
     "OPTIMIZERS",
     "ParamCount",
@@ -88,6 +122,10 @@ __all__ = [
     "pretrain_digits",
     "pretrained_digits_mlp",
     "pretrained_tiny_adapter",
+    "quantization_errors",
+    "quantize_blocks",
+    "quantize_model",
+    "quantize_nf4",
     "recorded_bias",
     "relative_update_norm",
     "save_adapter",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Iterable
 
 import torch
@@ -23,6 +24,7 @@ __all__ = [
     "check_positive_finite",
     "check_positive_int",
     "check_probability",
+    "conv1d_type",
 ]
 
 
@@ -109,3 +111,13 @@ def as_generator(seed: int | torch.Generator, name: str = "seed") -> torch.Gener
     if seed < 0:
         raise ValueError(f"{name} must be a non-negative int or a torch.Generator, got {seed!r}")
     return torch.Generator().manual_seed(int(seed))
+
+
+def conv1d_type() -> type | None:
+    """GPT-2's ``transformers.pytorch_utils.Conv1D``, if transformers is loaded.
+
+    A ``Conv1D`` can only exist once its module has been imported, so this
+    never imports ``transformers`` (an optional dependency) itself.
+    """
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)

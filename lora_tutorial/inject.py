@@ -20,6 +20,11 @@ it, merging the updates or not.
 
 A target that matches nothing, or matches a module that cannot be adapted,
 raises :class:`ValueError` saying which and why, before the model changes.
+
+For QLoRA, :func:`quantize_model` first replaces the targets by 4-bit
+:class:`~lora_tutorial.quant.NF4Linear` layers (same target syntax), which
+:func:`add_lora` then adapts; :func:`dequantize_model` turns them back into
+``nn.Linear`` layers, so that adapters can be merged into a dequantised copy.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ from typing import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ._checks import as_generator, check_choice
-from .layers import LoRALinear, _check_hparams, _conv1d_type
+from ._checks import as_generator, check_bool, check_choice, check_positive_int
+from .layers import LoRALinear, _check_hparams, _conv1d_type, _refuse_quantized_merge
 from .params import BIAS_MODES, mark_only_lora_as_trainable
+from .quant import BLOCK_SIZE, NF4Linear, _check_weight
 
 __all__ = [
     "ALL_LINEAR",
     "add_lora",
+    "dequantize_model",
     "lora_layers",
+    "quantize_model",
     "recorded_bias",
     "saved_modules",
     "unload_lora",
@@ -84,9 +92,13 @@ def _recorded(model: nn.Module, attribute: str) -> object:
     return None
 
 
-def _adaptable(module: nn.Module) -> bool:
+def _quantizable(module: nn.Module) -> bool:
     conv1d = _conv1d_type()
     return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return _quantizable(module) or isinstance(module, NF4Linear)
 
 
 def _read_not_called(modules: dict[str, nn.Module], name: str) -> bool:
@@ -154,6 +166,10 @@ def _check_modules_to_save(model: nn.Module, names: list[str],
             raise ValueError(
                 f"modules_to_save matches {name!r}, which is or holds a LoRALinear: "
                 "a module is either adapted or saved whole, not both")
+        if any(isinstance(m, NF4Linear) for m in module.modules()):
+            raise ValueError(
+                f"modules_to_save matches {name!r}, which is or holds an NF4Linear: its "
+                "4-bit weight cannot be trained whole (dequantize_model first, or adapt it)")
         nested = [p for p in paths if p != name and p.startswith(name + ".")]
         if nested:
             raise ValueError(
@@ -162,18 +178,25 @@ def _check_modules_to_save(model: nn.Module, names: list[str],
     return found
 
 
-def _why_not(modules: dict[str, nn.Module], name: str) -> str:
+def _why_not(modules: dict[str, nn.Module], name: str, quantize: bool = False) -> str:
     if _read_not_called(modules, name):
         return ("the out_proj of nn.MultiheadAttention, which reads out_proj.weight "
-                "directly and never calls out_proj, so an adapter there would never "
-                "run (PEFT's would silently do nothing)")
-    return (f"a {type(modules[name]).__name__}; LoRA adapts nn.Linear (and subclasses) and "
-            "transformers' Conv1D")
+                "directly and never calls out_proj, so "
+                + ("it must keep a float weight" if quantize else
+                   "an adapter there would never run (PEFT's would silently do nothing)"))
+    if quantize and isinstance(modules[name], NF4Linear):
+        return "an NF4Linear already"
+    if quantize:
+        return (f"a {type(modules[name]).__name__}; quantize_model quantises nn.Linear (and "
+                "subclasses) and transformers' Conv1D")
+    return (f"a {type(modules[name]).__name__}; LoRA adapts nn.Linear (and subclasses), "
+            "transformers' Conv1D and NF4Linear")
 
 
 def _choose(model: nn.Module, target_modules: object,
-            saved: list[str]) -> list[str]:
-    """The names of the modules to adapt, or a ValueError saying why there are none."""
+            saved: list[str], quantize: bool = False) -> list[str]:
+    """The names of the modules to adapt (or, with ``quantize``, to quantise),
+    or a ValueError saying why there are none."""
     match, targets = _target_matcher(target_modules)
     lora_names = [name for name, _ in lora_layers(model)]
     modules = dict(model.named_modules())
@@ -195,19 +218,26 @@ def _choose(model: nn.Module, target_modules: object,
                     f"targets match {len(matched)}); remove them or fix their names")
     adapted = [name for name in matched
                if isinstance(modules[name], LoRALinear) or _inside(name, lora_names)]
+    if adapted and quantize:
+        raise ValueError(
+            f"target_modules match {adapted[0]!r}, which is a LoRALinear or part of one: "
+            "quantise the base before adding LoRA (quantize_model, then add_lora), or "
+            "call unload_lora first; nothing was changed")
     if adapted:
         raise ValueError(
             f"target_modules match {adapted[0]!r}, which is a LoRALinear or part of one: "
             "the model is already adapted (call unload_lora first, or leave those "
             "layers out of target_modules); nothing was changed")
     chosen = [name for name in matched if not _inside(name, saved)]
+    can = _quantizable if quantize else _adaptable
     wrong = [name for name in chosen
-             if not _adaptable(modules[name]) or _read_not_called(modules, name)]
+             if not can(modules[name]) or _read_not_called(modules, name)]
     if wrong:
         name = wrong[0]
         raise ValueError(
-            f"target_modules match {name!r}, which cannot be adapted: it is "
-            f"{_why_not(modules, name)}"
+            f"target_modules match {name!r}, which cannot be "
+            f"{'quantised' if quantize else 'adapted'}: it is "
+            f"{_why_not(modules, name, quantize)}"
             + (f" ({len(wrong) - 1} more such module(s))" if len(wrong) > 1 else ""))
     if not chosen:
         linears = [name for name, m in modules.items() if _adaptable(m)]
@@ -311,7 +341,9 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     With ``merge=True`` (PEFT's ``merge_and_unload``) each update is merged into
     its base weight first, so the plain model computes what the adapted one did
     (in evaluation mode); every layer is checked first, and if any merged
-    weight would not be finite nothing changes. With ``merge=False`` (PEFT's
+    weight would not be finite, or any base is an
+    :class:`~lora_tutorial.quant.NF4Linear` (:class:`TypeError`: merge into a
+    dequantised copy, :func:`dequantize_model`), nothing changes. With ``merge=False`` (PEFT's
     ``unload``) the adapters are dropped and the base weights restored.
     Returns ``model`` (a bare ``LoRALinear`` cannot replace itself: unload
     its parent). Modules trained whole (``modules_to_save``) stay as trained.
@@ -325,6 +357,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
         raise TypeError(f"merge must be a bool, got {merge!r}")
     layers = list(lora_layers(model))
     if merge:
+        for name, layer in layers:
+            _refuse_quantized_merge(layer.base, name)
         with torch.no_grad():
             for name, layer in layers:
                 if layer.merged:
@@ -346,4 +380,92 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     for attribute in (BIAS_ATTR, MODULES_TO_SAVE_ATTR):
         for module in model.modules():
             vars(module).pop(attribute, None)
+    return model
+
+
+def _tied_elsewhere(model: nn.Module, name: str) -> str | None:
+    """The name of another module holding ``name``'s weight (a tied weight), if any."""
+    weight = model.get_submodule(name).weight
+    for other, module in model.named_modules(remove_duplicate=False):
+        if other != name and any(p is weight for p in module.parameters(recurse=False)):
+            return other
+    return None
+
+
+def quantize_model(
+    model: nn.Module,
+    target_modules: str | Iterable[str],
+    *,
+    double_quant: bool = True,
+    blocksize: int = BLOCK_SIZE,
+) -> nn.Module:
+    """Replace every matching linear layer of ``model`` by an NF4Linear, in place.
+
+    QLoRA's first step: the targets' weights are stored in 4-bit NF4
+    (:class:`~lora_tutorial.quant.NF4Linear`, frozen, dequantised on the fly),
+    and :func:`add_lora` then adapts them. ``target_modules`` is read as
+    :func:`add_lora` reads it (a list of names, a regular expression, or
+    ``"all-linear"``: every linear layer but the output head). Everything is
+    checked before the model changes: a refused call leaves it as it was.
+
+    Args:
+        model: any module.
+        target_modules: which ``nn.Linear`` (or subclass) and GPT-2 ``Conv1D``
+            layers to quantise.
+        double_quant: quantise the absmax constants too (QLoRA's default).
+        blocksize: weights per absmax block.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        TypeError: for arguments of the wrong kind, or a target weight that is
+            not float32/bfloat16/float16.
+        ValueError: for a target that matches nothing or matches a module that
+            cannot be quantised (an NF4Linear already, part of a LoRALinear,
+            a weight shared with another module, non-finite weights).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    double_quant = check_bool("double_quant", double_quant)
+    blocksize = check_positive_int("blocksize", blocksize)
+    chosen = _choose(model, target_modules, [], quantize=True)
+    for name in chosen:
+        tied = _tied_elsewhere(model, name)
+        if tied is not None:
+            raise ValueError(
+                f"target_modules match {name!r}, whose weight is shared with {tied!r} (tied "
+                "weights): quantising it would untie them and save nothing; leave it out")
+        _check_weight(f"the weight of {name!r}", model.get_submodule(name).weight)
+    new = {name: NF4Linear.from_linear(model.get_submodule(name), double_quant=double_quant,
+                                       blocksize=blocksize)
+           for name in chosen}
+    for name, layer in new.items():
+        _replace(model, name, layer)
+    return model
+
+
+def dequantize_model(model: nn.Module) -> nn.Module:
+    """Replace every NF4Linear in ``model`` by an ``nn.Linear`` holding its dequantised weight.
+
+    In place, including the bases of LoRALinear layers, which can then be
+    merged (:func:`unload_lora`): merging into a dequantised copy, instead of
+    quantising the merged weight again. The weights come back in their
+    original dtype, ``(out, in)`` as an ``nn.Linear`` stores them (a layer
+    quantised from a GPT-2 ``Conv1D`` comes back as an ``nn.Linear``, which
+    computes the same). Returns ``model`` (an NF4Linear itself cannot
+    replace itself: use its :meth:`~lora_tutorial.quant.NF4Linear.to_linear`).
+    """
+    if isinstance(model, NF4Linear):
+        raise TypeError("dequantize_model needs the model that holds the NF4Linear layers, "
+                        "not an NF4Linear itself (use its to_linear())")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    quantized = [(name, m) for name, m in model.named_modules() if isinstance(m, NF4Linear)]
+    for name, layer in quantized:
+        linear = layer.to_linear()
+        linear.weight.requires_grad = False  # frozen, as it was
+        if linear.bias is not None:
+            linear.bias.requires_grad = layer.bias.requires_grad
+        _replace(model, name, linear)
     return model

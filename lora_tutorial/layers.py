@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 from typing import Any, Iterator
 
 import torch
@@ -35,6 +34,8 @@ from ._checks import (
     check_positive_int,
     check_probability,
 )
+from ._checks import conv1d_type as _conv1d_type
+from .quant import NF4Linear
 
 __all__ = ["INIT_MODES", "LoRALayer", "LoRALinear", "make_linear", "mirror_init_"]
 
@@ -274,7 +275,9 @@ class LoRALinear(_LoRABookkeeping):
             base = make_linear(in_features, out_features, bias, seed=gen)
         self.fan_in_fan_out = _check_base(base, in_features, out_features)
         self.base = base.requires_grad_(False)
-        like = {"device": base.weight.device, "dtype": base.weight.dtype}
+        like = ({"device": base.packed.device, "dtype": base.weight_dtype}
+                if isinstance(base, NF4Linear)
+                else {"device": base.weight.device, "dtype": base.weight.dtype})
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **like))
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, **like))
         self._adapter_enabled = True
@@ -288,7 +291,9 @@ class LoRALinear(_LoRABookkeeping):
         """Adapt a trained ``nn.Linear`` (or subclass) or GPT-2 ``Conv1D``.
 
         ``linear`` becomes ``base`` (kept, not copied, and frozen), so the
-        result computes what ``linear`` did. The defaults are PEFT's.
+        result computes what ``linear`` did. The defaults are PEFT's. An
+        :class:`~lora_tutorial.quant.NF4Linear` gives a QLoRA layer: the
+        factors take its original dtype, and it cannot be merged into.
         """
         (in_features, out_features), _ = _features(linear)
         return cls(in_features, out_features, r, alpha, dropout,
@@ -336,10 +341,13 @@ class LoRALinear(_LoRABookkeeping):
         """Add ``delta_weight()`` into the base weight, once.
 
         A merged weight that would not be finite (NaN, or an overflow in
-        fp16/bf16) raises :class:`ValueError`; nothing is changed.
+        fp16/bf16) raises :class:`ValueError`; nothing is changed. An
+        :class:`~lora_tutorial.quant.NF4Linear` base raises :class:`TypeError`
+        (merging would mean quantising again; merge into a dequantised copy).
         """
         if self.merged:
             return
+        _refuse_quantized_merge(self.base)
         scaled_b, a = self.scaling * self.lora_B, self.lora_A.clone()
         delta = self._as_stored(scaled_b @ a)  # delta_weight(), as stored
         bad = int((~torch.isfinite(self.base.weight + delta)).sum())
@@ -365,14 +373,16 @@ class LoRALinear(_LoRABookkeeping):
         return delta.T if self.fan_in_fan_out else delta
 
 
-def _conv1d_type() -> type | None:
-    """GPT-2's ``transformers.pytorch_utils.Conv1D``, if transformers is loaded.
-
-    A ``Conv1D`` can only exist once its module has been imported, so this
-    never imports ``transformers`` (an optional dependency) itself.
-    """
-    module = sys.modules.get("transformers.pytorch_utils")
-    return getattr(module, "Conv1D", None)
+def _refuse_quantized_merge(base: nn.Module, name: str = "") -> None:
+    """Refuse to merge into a 4-bit base, saying what to do instead."""
+    if isinstance(base, NF4Linear):
+        where = f" of {name!r}" if name else ""
+        raise TypeError(
+            f"cannot merge into the NF4Linear base{where}: its weight is 4-bit codes, and "
+            "a merged weight would have to be quantised again, adding quantisation error "
+            "that unmerging cannot take back. Merge into a dequantised copy instead: "
+            "dequantize_model(model) then unload_lora(model) (and quantize_model the "
+            "result if it must be 4-bit)")
 
 
 def _features(layer: object) -> tuple[tuple[int, int], bool]:
@@ -380,8 +390,11 @@ def _features(layer: object) -> tuple[tuple[int, int], bool]:
 
     ``nn.Linear`` (and subclasses) store their weight as ``(out, in)``;
     GPT-2's ``Conv1D`` stores it as ``(in, out)`` and computes ``x @ W + b``
-    (PEFT's ``fan_in_fan_out``).
+    (PEFT's ``fan_in_fan_out``). An :class:`~lora_tutorial.quant.NF4Linear`
+    (QLoRA's 4-bit base) computes as an ``nn.Linear``.
     """
+    if isinstance(layer, NF4Linear):
+        return (layer.in_features, layer.out_features), False
     conv1d = _conv1d_type()
     if conv1d is not None and isinstance(layer, conv1d):
         n_in, n_out = layer.weight.shape
@@ -389,8 +402,8 @@ def _features(layer: object) -> tuple[tuple[int, int], bool]:
     if isinstance(layer, nn.Linear):
         return (layer.in_features, layer.out_features), False
     raise TypeError(
-        "linear must be a torch.nn.Linear (or a subclass) or a transformers "
-        f"Conv1D, got {type(layer).__name__}")
+        "linear must be a torch.nn.Linear (or a subclass), a transformers Conv1D "
+        f"or an NF4Linear, got {type(layer).__name__}")
 
 
 def _check_base(base: object, in_features: int, out_features: int) -> bool:

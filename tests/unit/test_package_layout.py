@@ -4,7 +4,8 @@ must not load the second, nor any plotting or widget library."""
 import subprocess
 import sys
 
-HEAVY = ("matplotlib", "ipywidgets", "PIL", "lora_tutorial.book")
+# bitsandbytes: lora_tutorial.quant builds NF4 itself; only the tests compare with it.
+HEAVY = ("matplotlib", "ipywidgets", "PIL", "lora_tutorial.book", "bitsandbytes")
 
 
 def loaded_after(statement: str) -> set[str]:
