@@ -13,6 +13,8 @@
 # Other targets:
 #   make notebooks   re-execute every chapter top to bottom and store its outputs
 #   make benchmark   measure speed and rewrite benchmarks/results/*.md (shown in the book's appendix)
+#   make portability run every chapter under the CPU-kernel matrix and report every printed number
+#                    that differs (benchmarks/results/portability.md, in the reproducibility appendix)
 #   make clean       remove build products
 #
 # VENV selects the virtual environment (CI passes a fresh one); JB_FLAGS the book's build flags.
@@ -23,7 +25,7 @@ BIN := $(VENV)/bin
 JB_FLAGS ?= -W -n --keep-going
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: book test notebooks benchmark clean
+.PHONY: book test notebooks benchmark portability clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +53,10 @@ benchmark: $(VENV)/.installed
 	$(BIN)/python benchmarks/explorer_latency.py --markdown benchmarks/results/explorer_latency.md
 	$(BIN)/python benchmarks/frozen_features_speed.py --markdown benchmarks/results/frozen_features_speed.md
 	$(BIN)/python benchmarks/suite_time.py --markdown benchmarks/results/suite_time.md
+
+portability: $(VENV)/.installed
+	$(BIN)/python tools/portability.py --report benchmarks/results/portability.md
+	$(BIN)/python tools/float_drift.py --markdown benchmarks/results/float_drift.md
 
 clean:
 	rm -rf _build
