@@ -14,6 +14,8 @@ One concept per module, all re-exported here:
 * :mod:`~lora_tutorial.frozen_features`: best low-rank updates and fast training on frozen features.
 * :mod:`~lora_tutorial.efficiency`: measuring optimizer state and activations.
 * :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model.
+* :mod:`~lora_tutorial.module_to_save`: :class:`ModuleToSave`, a module trained whole
+  beside the adapter (PEFT's ``modules_to_save``).
 * :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
 * :mod:`~lora_tutorial.device`: :func:`default_device`.
@@ -36,9 +38,18 @@ from .device import default_device
 from .digits import DigitsMLP, load_digit_tasks, pretrain_digits, pretrained_digits_mlp
 from .efficiency import activation_bytes, format_bytes, optimizer_state_bytes
 from .frozen_features import FeatureStats, LowRankFit, best_low_rank_update, fit_lora_on_stats
-from .inject import add_lora, lora_layers, recorded_bias, saved_modules, unload_lora
+from .inject import (
+    add_lora,
+    base_modules,
+    disable_adapter,
+    lora_layers,
+    recorded_bias,
+    saved_modules,
+    unload_lora,
+)
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear
 from .models import TinyAdapter
+from .module_to_save import ModuleToSave
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
 from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
 from .training import OPTIMIZERS, evaluate, isolated_rng, train
@@ -50,11 +61,13 @@ __all__ = [
     "AdaptationTask",
     "AdapterFormatError",
     "add_lora",
+    "base_modules",
     "best_low_rank_update",
     "BIAS_MODES",
     "count_parameters",
     "create_toy_dataset",
     "default_device",
+    "disable_adapter",
     "DigitsMLP",
     "evaluate",
     "FeatureStats",
@@ -73,6 +86,7 @@ __all__ = [
     "make_linear",
     "make_task_matrices",
     "mark_only_lora_as_trainable",
+    "ModuleToSave",
     "optimizer_state_bytes",
     "OPTIMIZERS",
     "ParamCount",

@@ -1,7 +1,5 @@
 """Issue 18 for LoRALinear itself: sizes the tensors fix, state dicts checked whole, ties, lazy layers."""
 
-import copy
-
 import pytest
 import torch
 from torch import nn
