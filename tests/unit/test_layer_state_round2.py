@@ -1,4 +1,4 @@
-"""Issue 18 for LoRALinear itself: sizes the tensors fix, state dicts checked whole, ties, lazy layers."""
+"""Issue 18 for LoRALinear itself: sizes the tensors fix, state dicts checked whole, lazy layers."""
 
 import pytest
 import torch
