@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import as_generator, check_positive_finite, check_positive_int
+from ._checks import as_generator, check_last_dim, check_positive_finite, check_positive_int
 from .layers import make_linear
 from .training import train
 
@@ -167,6 +167,7 @@ class DigitsMLP(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input: ``(n, 64)`` → ``(n, hidden)``."""
+        check_last_dim("x", x, 64)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return F.relu(self.fc3(x))

@@ -115,7 +115,7 @@ def recorded_bias(model: nn.Module) -> str | None:
     :func:`add_lora` (and :func:`~lora_tutorial.params.mark_only_lora_as_trainable`)
     record it; :func:`~lora_tutorial.adapter_io.save_adapter` saves biases by it.
     """
-    return _recorded(model, BIAS_ATTR)
+    return _recorded(_check_model(model), BIAS_ATTR)
 
 
 def saved_modules(model: nn.Module) -> list[tuple[str, ModuleToSave]]:

@@ -132,3 +132,8 @@ def test_pretrained_digits_mlp_accepts_a_generator_and_checks_first():
     _, again, twin = lt.pretrained_digits_mlp(seed=torch.Generator().manual_seed(5), steps=5, hidden=8)
     assert torch.equal(target.test.x, again.test.x)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_the_mlp_names_a_wrong_input_width():
+    with pytest.raises(ValueError, match=r"x must have last dimension 64 \(in_features\), got shape \(3, 10\)"):
+        lt.DigitsMLP(seed=0)(torch.rand(3, 10))
