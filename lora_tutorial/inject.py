@@ -249,11 +249,13 @@ def _inside(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _check_modules_to_save(model: nn.Module, names: list[str],
-                           lora_names: list[str]) -> list[tuple[str, nn.Module]]:
+def _check_modules_to_save(model: nn.Module, names: list[str], lora_names: list[str],
+                           earlier: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules ``names`` select; each name but the ``earlier`` ones (recorded, perhaps
+    from a PEFT file naming modules this model lacks) must select one."""
     found = _match_modules_to_save(model, names)
     matched = {n for n in names if any(name.endswith(n) for name, _ in found)}
-    unmatched = [n for n in names if n not in matched]
+    unmatched = [n for n in names if n not in matched and n not in earlier]
     if unmatched:
         raise ValueError(
             f"modules_to_save names {unmatched} match no module with parameters "
@@ -417,7 +419,7 @@ def add_lora(
     gen = as_generator(seed)
     _check_initialised(model)
     lora_names = [name for name, _ in lora_layers(model)]
-    saved = _check_modules_to_save(model, saved_names, lora_names) if saved_names else []
+    saved = _check_modules_to_save(model, saved_names, lora_names, earlier) if saved_names else []
     wrapped = [name for name, _ in saved_modules(model)]
     chosen = _choose(model, target_modules, [name for name, _ in saved] + wrapped)
 

@@ -202,3 +202,20 @@ def test_a_module_named_like_a_factor_is_frozen_and_never_saved(bias, tmp_path):
                    for k in load_file(str(tmp_path / "adapter_model.safetensors")))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["target_modules"] == ["q"]
+
+
+def test_names_recorded_from_a_peft_file_that_match_nothing_here_do_not_block_more_adapters(tmp_path):
+    """PEFT's SEQ_CLS task records modules_to_save=["classifier", "score"]; this model has a score only."""
+    base = Net()
+    theirs = quietly(get_peft_model, copy.deepcopy(base),
+                     LoraConfig(r=2, target_modules=["q"], modules_to_save=["classifier", "score"]))
+    quietly(theirs.save_pretrained, str(tmp_path))
+    ours = lt.add_lora(copy.deepcopy(base), ["q"], r=2)
+    lt.load_adapter(ours, tmp_path)
+    lt.add_lora(ours, ["v"], r=2, alpha=8.0)  # PEFT's default alpha, as loaded
+    assert [name for name, _ in lt.saved_modules(ours)] == ["score"]
+    lt.save_adapter(ours, tmp_path / "again")
+    config = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier", "score"]
+    with pytest.raises(ValueError, match=r"modules_to_save names \['head'\] match no module"):
+        lt.add_lora(ours, ["v"], modules_to_save=["head"])

@@ -75,6 +75,10 @@ def test_merging_into_a_tied_head_is_refused_and_changes_nothing(gpt2):
     assert torch.equal(model.transformer.wte.weight, wte) and torch.equal(logits(model), adapted)
     plain = lt.unload_lora(copy.deepcopy(model), merge=False)  # dropping the adapter is fine
     assert torch.equal(logits(plain), logits(gpt2))
+    twin = copy.deepcopy(model)  # a copy's tie is to the copy's embedding
+    assert twin.lm_head.tied_to() == ["transformer.wte.weight"]
+    twin.lm_head.untie_weights_()
+    assert model.lm_head.tied_to() == ["transformer.wte.weight"]
 
 
 def test_untying_on_request_then_merging_keeps_the_embedding(gpt2):
