@@ -291,6 +291,9 @@ def save_adapter(model: nn.Module, directory: str | Path, bias: str | None = Non
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRALinear layers: nothing to save")
+    if isinstance(model, LoRALinear):
+        raise TypeError("save_adapter needs the model that holds the LoRALinear layers, not a "
+                        "LoRALinear itself (PEFT adapts the modules of a model)")
     if bias is None:
         bias = recorded_bias(model) or "none"
     bias = check_choice("bias", bias, BIAS_MODES)

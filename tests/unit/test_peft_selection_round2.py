@@ -110,6 +110,8 @@ def test_the_saved_rank_is_the_factors_and_factors_that_do_not_fit_are_refused(t
     with pytest.raises(ValueError, match=r"holds lora_A \(2, 8\) and lora_B \(4, 3\), which do not fit"):
         lt.save_adapter(model, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+    with pytest.raises(TypeError, match="not a LoRALinear itself"):  # PEFT has no name for it
+        lt.save_adapter(lt.LoRALinear(4, 4, r=2), tmp_path / "bare")
 
 
 # ------------------------------------------------------------ messages that say what is there
