@@ -137,13 +137,13 @@ def test_encode_refuses_bytes_and_marks_only_unknown_characters(tokenizer):
     (100, "length must be at most the model's n_positions = 64, got 100"),
 ])
 def test_eval_loss_checks_the_window_length(tokenizer, small, length, message):
-    ids = tokenizer.encode("Parameters\n" * 30)
+    ids = tokenizer.encode("Parameters\n" * 7)
     with pytest.raises(ValueError, match=message):
         charlm.eval_loss(small, ids, length)
-    assert charlm.eval_loss(small, ids, 16) > 0 and charlm.eval_loss(small, ids) > 0
 
 
 def test_eval_loss_and_lm_loss_check_their_ids(tokenizer, small):
+    assert charlm.eval_loss(small, tokenizer.encode("Parameters\n" * 7), 16) > 0
     with pytest.raises(ValueError, match=r"ids must be 1-D"):
         charlm.eval_loss(small, torch.zeros(2, 70, dtype=torch.long))
     with pytest.raises(ValueError, match=r"ids must be token ids in \[0, 96\)"):
@@ -172,14 +172,14 @@ def test_generate_checks_its_arguments_before_drawing(tokenizer, small):
 
 def test_a_tiny_temperature_draws_the_most_likely_characters(tokenizer, small):
     """1e-300 used to fail inside multinomial: logits / temperature overflowed."""
-    text = charlm.generate(small, tokenizer, "The ", 6, temperature=1e-300, seed=1)
+    text = charlm.generate(small, tokenizer, "The ", 3, temperature=1e-300, seed=1)
     ids = tokenizer.encode("The ")
     with torch.no_grad():
-        for _ in range(6):
+        for _ in range(3):
             ids = torch.cat([ids, small(ids[None]).logits[0, -1].argmax().view(1)])
-    assert text == tokenizer.decode(ids[-6:])
-    same = charlm.generate(small, tokenizer, "The ", 6, seed=torch.Generator().manual_seed(3))
-    assert same == charlm.generate(small, tokenizer, "The ", 6, seed=3)
+    assert text == tokenizer.decode(ids[-3:])
+    same = charlm.generate(small, tokenizer, "The ", 3, seed=torch.Generator().manual_seed(3))
+    assert same == charlm.generate(small, tokenizer, "The ", 3, seed=3)
 
 
 def test_random_batch_checks_its_arguments_before_drawing(tokenizer):
