@@ -54,7 +54,7 @@ from .inject import (
     _recorded,
     _replace,
     base_modules,
-    check_saved_matches,
+    _check_saved_matches,
     lora_layers,
     recorded_bias,
     saved_modules,
@@ -455,7 +455,7 @@ def _plan_wrappers(model: nn.Module, names: list[str] | None,
                    lora_names: list[str]) -> dict[str, ModuleToSave]:
     """The modules trained whole the file describes, by path: the model's wrappers, or new ones."""
     found = _match_modules_to_save(model, names) if names else []
-    check_saved_matches(model, found, lora_names, AdapterFormatError)
+    _check_saved_matches(model, found, lora_names, AdapterFormatError)
     return {path: module if isinstance(module, ModuleToSave) else ModuleToSave(module)
             for path, module in found}
 

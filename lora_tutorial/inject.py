@@ -260,13 +260,13 @@ def _check_modules_to_save(model: nn.Module, names: list[str], lora_names: list[
         raise ValueError(
             f"modules_to_save names {unmatched} match no module with parameters "
             "(PEFT's rule: the module's full name ends with the given name)")
-    check_saved_matches(model, found, lora_names, ValueError)
+    _check_saved_matches(model, found, lora_names, ValueError)
     return found
 
 
-def check_saved_matches(model: nn.Module, found: list[tuple[str, nn.Module]],
+def _check_saved_matches(model: nn.Module, found: list[tuple[str, nn.Module]],
                         lora_names: list[str], error: type[Exception]) -> None:
-    """Refuse modules to train whole that hold a LoRALinear, nest, or sit at two paths."""
+    """Refuse modules to train whole that hold a LoRALinear, nest, are containers, or sit at two paths."""
     paths = [name for name, _ in found]
     for name, module in found:
         if _inside(name, lora_names) or any(isinstance(m, LoRALinear) for m in module.modules()):
@@ -279,6 +279,10 @@ def check_saved_matches(model: nn.Module, found: list[tuple[str, nn.Module]],
                 f"modules_to_save matches both {name!r} and {nested[0]!r} inside it; "
                 "name only the outer module")
         target = module.original_module if isinstance(module, ModuleToSave) else module
+        if isinstance(target, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+            raise error(
+                f"modules_to_save matches {name!r}, a {type(target).__name__}, which has no "
+                "forward pass of its own to train a copy of (PEFT refuses it too)")
         shared = [other for other, m in model.named_modules(remove_duplicate=False)
                   if m is target and other != name and not other.endswith(".original_module")]
         if shared:

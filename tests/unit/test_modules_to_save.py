@@ -109,13 +109,16 @@ def test_disable_adapter_refuses_merged_layers_before_switching_anything_off():
     assert model.q._adapter_enabled and model.score._adapter_enabled
 
 
-def test_a_module_at_two_paths_is_not_trained_whole():
+def test_a_module_at_two_paths_or_a_container_is_not_trained_whole():
     model = Net()
     model.alias = model.score  # one module, two names
     with pytest.raises(ValueError, match=r"'alias', a module that is also at 'score'|'score', a module "
                                          r"that is also at 'alias'"):
         lt.add_lora(model, ["q"], modules_to_save=["score"])
     assert type(model.score) is nn.Linear and not list(lt.lora_layers(model))
+    model = nn.ModuleDict({"q": nn.Linear(2, 2), "blocks": nn.ModuleList([nn.Linear(2, 2)])})
+    with pytest.raises(ValueError, match=r"'blocks', a ModuleList, which has no forward pass"):
+        lt.add_lora(model, ["q"], modules_to_save=["blocks"])
 
 
 @pytest.mark.parametrize("bias", ["none", "all"])
