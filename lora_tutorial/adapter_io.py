@@ -48,6 +48,7 @@ from ._checks import check_choice
 from .inject import (
     BIAS_ATTR,
     MODULES_TO_SAVE_ATTR,
+    _check_initialised,
     _check_model,
     _match_modules_to_save,
     _read_not_called,
@@ -518,6 +519,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             to the model's dtype, or an update that is not; merged layers.
     """
     _check_model(model)
+    _check_initialised(model)  # (ValueError) what trains is set at the end, by what it is
     directory = Path(directory)
     settings = _read_config(directory)
     loaded = _read_weights(directory)

@@ -133,7 +133,7 @@ def test_an_unknown_tensor_of_an_adapted_layer_is_named_without_contradiction(tm
         lt.load_adapter(model, tmp_path)
 
 
-def test_a_lazy_model_is_refused_before_add_lora_changes_it():
+def test_a_lazy_model_is_refused_before_add_lora_or_load_adapter_changes_it(tmp_path):
     """Issue 18: add_lora(m, ["2"], modules_to_save=["3"]) replaced layer 2, then raised."""
     model = nn.Sequential(nn.Linear(4, 4), nn.LazyLinear(3), nn.Linear(3, 3), nn.Linear(3, 3))
     before = copy.deepcopy(model[2].state_dict())
@@ -144,3 +144,8 @@ def test_a_lazy_model_is_refused_before_add_lora_changes_it():
     with pytest.raises(ValueError, match="uninitialised lazy parameter"):
         lt.mark_only_lora_as_trainable(model)
     assert all(p.requires_grad for p in model[2].parameters())
+    adapted = lt.add_lora(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2)
+    lt.save_adapter(randomise(adapted), tmp_path)
+    adapted.lazy = nn.LazyLinear(2)
+    with pytest.raises(ValueError, match="uninitialised lazy parameter 'lazy.weight'"):
+        lt.load_adapter(adapted, tmp_path)
