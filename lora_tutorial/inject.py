@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ._checks import as_generator, check_choice
-from .layers import LoRALinear, _check_hparams, _conv1d_type, _same_tensor
+from .layers import LoRALinear, _base_weight, _check_hparams, _conv1d_type, _same_tensor
 from .module_to_save import ModuleToSave
 from .params import BIAS_MODES, mark_only_lora_as_trainable
 
@@ -191,8 +191,10 @@ def _holders(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Tensor]]
 
 
 def _ties(holders: list[tuple[str, nn.Module, str, torch.Tensor]], path: str,
-          weight: torch.Tensor) -> tuple[tuple[str, nn.Module, str], ...]:
+          weight: torch.Tensor | None) -> tuple[tuple[str, nn.Module, str], ...]:
     """The holders of ``weight`` other than the layer at ``path`` itself (weight tying)."""
+    if weight is None:
+        return ()
     own = (f"{path}.weight", f"{path}.base.weight")
     return tuple((name, module, attr) for name, module, attr, p in holders
                  if name not in own and _same_tensor(p, weight))
@@ -437,7 +439,7 @@ def add_lora(
         for name in chosen
     }
     for name, layer in new.items():
-        layer._ties = _ties(holders, name, layer.base.weight)
+        layer._ties = _ties(holders, name, _base_weight(layer))
     copies = {name: ModuleToSave(module) for name, module in saved
               if not isinstance(module, ModuleToSave)}
     for name, module in [*new.items(), *copies.items()]:
@@ -451,7 +453,7 @@ def add_lora(
 def _refuse_tied_merges(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> None:
     holders = _holders(model)
     for name, layer in layers:
-        tied = [other for other, _, _ in _ties(holders, name, layer.base.weight)]
+        tied = [other for other, _, _ in _ties(holders, name, _base_weight(layer))]
         if tied and not layer.merged:
             raise RuntimeError(
                 f"refusing to merge: the base weight of {name!r} is tied to {tied} (the "

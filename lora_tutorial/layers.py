@@ -196,8 +196,7 @@ class _LoRABookkeeping(nn.Module):
 
     def _set_once(self, name: str, value: object) -> None:
         if "lora_A" in self._parameters:  # built: the tensors fix it
-            shapes = (f"lora_A {tuple(self.lora_A.shape)}, lora_B {tuple(self.lora_B.shape)}, "
-                      f"base.weight {tuple(self.base.weight.shape)}")
+            shapes = f"lora_A {tuple(self.lora_A.shape)}, lora_B {tuple(self.lora_B.shape)}"
             raise AttributeError(
                 f"{name} is read-only: the layer's tensors fix it ({shapes}), so setting "
                 f"it to {value!r} would contradict them; build a new layer instead, e.g. "
@@ -212,7 +211,9 @@ class _LoRABookkeeping(nn.Module):
         here, so a tie undone since is not listed. ``merge_weights_`` refuses
         while the list is not empty: merging would change them too.
         """
-        weight = self.base.weight
+        weight = _base_weight(self)
+        if weight is None:
+            return []
         return [name for name, module, attr in self._ties
                 if (other := module._parameters.get(attr)) is not None and _same_tensor(other, weight)]
 
@@ -226,7 +227,9 @@ class _LoRABookkeeping(nn.Module):
         ``tie_weights()`` runs again (when saved and reloaded, for instance).
         """
         self._refuse_while_merged("untie the base weight")
-        weight = self.base.weight
+        weight = _base_weight(self)
+        if weight is None:  # a base without a float weight shares none
+            return
         self.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
         self._ties = ()
 
@@ -316,10 +319,11 @@ class _LoRABookkeeping(nn.Module):
 
     def _check_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
         expected = {"lora_A": self.lora_A.shape, "lora_B": self.lora_B.shape,
-                    "merged_lora_A": self.lora_A.shape, "merged_lora_B": self.lora_B.shape,
-                    "base.weight": self.base.weight.shape}
-        if self.base.bias is not None:
-            expected["base.bias"] = self.base.bias.shape
+                    "merged_lora_A": self.lora_A.shape, "merged_lora_B": self.lora_B.shape}
+        for key in ("weight", "bias"):
+            value = getattr(self.base, key, None)
+            if isinstance(value, torch.Tensor):
+                expected["base." + key] = value.shape
         for key, shape in expected.items():
             value = state_dict.get(prefix + key)
             if value is not None and tuple(getattr(value, "shape", ())) != tuple(shape):
@@ -514,6 +518,12 @@ def _features(layer: object) -> tuple[tuple[int, int], bool]:
     raise TypeError(
         "linear must be a torch.nn.Linear (or a subclass) or a transformers "
         f"Conv1D, got {type(layer).__name__}")
+
+
+def _base_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The base layer's weight tensor, or ``None`` for a base that keeps none."""
+    weight = getattr(layer.base, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
