@@ -16,6 +16,8 @@ One concept per module, all re-exported here:
 * :mod:`~lora_tutorial.inject`: :func:`add_lora` and :func:`unload_lora` for any model,
   :func:`quantize_model` and :func:`dequantize_model` (QLoRA's 4-bit base).
 * :mod:`~lora_tutorial.quant`: 4-bit NormalFloat (NF4), double quantisation, :class:`NF4Linear`.
+* :mod:`~lora_tutorial.module_to_save`: :class:`ModuleToSave`, a module trained whole
+  beside the adapter (PEFT's ``modules_to_save``).
 * :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
 * :mod:`~lora_tutorial.device`: :func:`default_device`.
@@ -46,7 +48,9 @@ from .frozen_features import (
 )
 from .inject import (
     add_lora,
+    base_modules,
     dequantize_model,
+    disable_adapter,
     lora_layers,
     quantize_model,
     recorded_bias,
@@ -55,6 +59,7 @@ from .inject import (
 )
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear, mirror_init_
 from .models import TinyAdapter
+from .module_to_save import ModuleToSave
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
 from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
 from .quant import (
@@ -80,6 +85,7 @@ __all__ = [
     "AdaptationTask",
     "AdapterFormatError",
     "add_lora",
+    "base_modules",
     "best_low_rank_update",
     "BIAS_MODES",
     "bits_per_parameter",
@@ -88,6 +94,7 @@ __all__ = [
     "default_device",
     "dequantize_blocks",
     "dequantize_model",
+    "disable_adapter",
     "DigitsMLP",
     "dynamic_map",
     "evaluate",
@@ -112,6 +119,7 @@ __all__ = [
     "make_task_matrices",
     "mark_only_lora_as_trainable",
     "mirror_init_",
+    "ModuleToSave",
     "nf4_levels",
     "NF4Linear",
     "NF4Tensor",

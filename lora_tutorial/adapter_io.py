@@ -6,18 +6,30 @@
 * ``adapter_model.safetensors``: for each ``LoRALinear`` at module path ``P``,
   ``base_model.model.P.lora_A.weight`` ``(r, in)`` and
   ``base_model.model.P.lora_B.weight`` ``(out, r)``; with ``bias="lora_only"``
-  also ``base_model.model.P.base_layer.bias``; with ``bias="all"`` every other
-  bias ``B`` as ``base_model.model.B``; for each module ``M`` trained whole
-  (``modules_to_save``), its state as ``base_model.model.M.<name>``;
-* ``adapter_config.json``: ``peft_type: "LORA"``, ``r``, ``lora_alpha``,
-  ``lora_dropout``, ``use_rslora``, ``target_modules``, ``bias``,
-  ``modules_to_save`` and the other keys PEFT reads.
+  also ``base_model.model.P.base_layer.bias``; with ``bias="all"`` every bias
+  of the model by PEFT's name for it (``base_model.model.B``, and for a module
+  trained whole also ``...original_module.bias`` and ``...modules_to_save.bias``,
+  as PEFT writes them); for each module ``M`` trained whole
+  (``modules_to_save``), its trained copy's state as ``base_model.model.M.<name>``;
+* ``adapter_config.json``: ``peft_type: "LORA"``, ``r`` (the factors' rank),
+  ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``target_modules``,
+  ``bias``, ``modules_to_save`` and the other keys PEFT reads.
+  ``target_modules`` selects in PEFT exactly the adapted modules: the list of
+  their names when PEFT's suffix rule selects just those, otherwise a regular
+  expression that does (a list ``["0"]`` would also select ``"1.0"``).
 
 :func:`load_adapter` reads such a directory (one written here or by PEFT) into
 the ``LoRALinear`` layers of a matching model. It never unpickles anything
 (safetensors only), checks every key, shape, dtype, value and setting first,
 and changes the model only if all of them fit; otherwise it raises an
-:class:`AdapterFormatError` naming the key.
+:class:`AdapterFormatError` naming the key. A file may also hold copies of
+base tensors, which an adapter does not change (PEFT's default save of an
+adapted ``lm_head`` tied to the input embedding includes
+``lm_head.base_layer.weight``): they load if they equal the model's, and are
+refused otherwise, since the adapter was then made for another base model.
+After a load the model is what the file describes: its modules trained whole
+are the file's ``modules_to_save`` (wrapped or unwrapped to match), and what
+trains is exactly the adapter the file holds.
 """
 
 from __future__ import annotations
@@ -25,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +48,21 @@ from ._checks import check_choice
 from .inject import (
     BIAS_ATTR,
     MODULES_TO_SAVE_ATTR,
+    _check_initialised,
+    _check_model,
     _match_modules_to_save,
+    _read_not_called,
+    _recorded,
+    _replace,
+    base_modules,
+    _check_saved_matches,
     lora_layers,
     recorded_bias,
     saved_modules,
 )
 from .layers import LoRALinear
-from .params import BIAS_MODES
+from .module_to_save import ModuleToSave
+from .params import BIAS_MODES, mark_only_lora_as_trainable
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterFormatError", "load_adapter",
            "save_adapter"]
@@ -55,8 +76,7 @@ PREFIX = "base_model.model."
 _DESCRIPTIVE = {
     "auto_mapping", "base_model_name_or_path", "revision", "peft_version", "task_type",
     "inference_mode", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "megatron_core", "qalora_group_size", "ensure_weight_tying",
-    "eva_config",
+    "layers_pattern", "megatron_core", "qalora_group_size", "eva_config",
 }
 # Settings this library honours (see load_adapter).
 _HONOURED = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias",
@@ -80,7 +100,68 @@ def _settings(layer: LoRALinear) -> tuple[int, float, bool, float]:
     return layer.r, layer.alpha, layer.rslora, layer.dropout_p
 
 
-def _config_for(layers: list[tuple[str, LoRALinear]], bias: str,
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _check_factors(layers: list[tuple[str, LoRALinear]]) -> None:
+    """Refuse factors whose shapes contradict each other or the base (so the config's r would)."""
+    for name, layer in layers:
+        a, b = tuple(layer.lora_A.shape), tuple(layer.lora_B.shape)
+        if a != (layer.r, layer.in_features) or b != (layer.out_features, layer.r):
+            raise ValueError(
+                f"the LoRALinear at {name!r} holds lora_A {a} and lora_B {b}, which do not "
+                f"fit a rank-r update of {layer.in_features} -> {layer.out_features} features "
+                "((r, in) and (out, r)); no config can describe them")
+
+
+def _peft_targets(model: nn.Module, adapted: list[str],
+                  saved_names: list[str] | None) -> list[str] | str:
+    """A ``target_modules`` with which PEFT selects, in the base model, exactly ``adapted``."""
+    keys = [name for name, _ in base_modules(model) if name]
+
+    def selected(targets: list[str] | str) -> set[str]:
+        out = set()
+        for key in keys:
+            try:  # PEFT never adapts inside modules_to_save, by this (regex) rule
+                if saved_names and any(re.match(rf"(^|.*\.){m}($|\..*)", key)
+                                       for m in saved_names):
+                    continue
+            except re.error as err:
+                raise ValueError(f"modules_to_save {saved_names} cannot be read by PEFT, which "
+                                 f"uses each name in a regular expression: {err}") from None
+            if isinstance(targets, str):
+                hit = re.fullmatch(targets, key) is not None
+            else:
+                hit = key in targets or any(key.endswith("." + t) for t in targets)
+            if hit:
+                out.add(key)
+        return out
+
+    if selected(adapted) == set(adapted):
+        return list(adapted)
+    pattern = "|".join(re.escape(name) for name in adapted)
+    if selected(pattern) != set(adapted):
+        raise ValueError(f"PEFT cannot be told to adapt exactly the modules {adapted} of "
+                         "this model; no adapter file was written")
+    return pattern
+
+
+def _saved_names(model: nn.Module, wrappers: dict[str, ModuleToSave]) -> list[str] | None:
+    """The ``modules_to_save`` to write: names with which PEFT selects exactly ``wrappers``."""
+    if not wrappers:
+        return None
+    recorded = _recorded(model, MODULES_TO_SAVE_ATTR)
+    for names in ([list(recorded)] if recorded else []) + [sorted(wrappers)]:
+        if sorted(name for name, _ in _match_modules_to_save(model, names)) == sorted(wrappers):
+            return names
+    raise ValueError(
+        f"the modules trained whole {sorted(wrappers)} cannot be named so that PEFT selects "
+        "exactly them (PEFT's rule: a module whose full name ends with a given name); no "
+        "adapter file was written")
+
+
+def _config_for(model: nn.Module, layers: list[tuple[str, LoRALinear]], bias: str,
                 saved_names: list[str] | None) -> dict[str, Any]:
     first_name, first = layers[0]
     for name, layer in layers[1:]:
@@ -101,7 +182,7 @@ def _config_for(layers: list[tuple[str, LoRALinear]], bias: str,
         "lora_alpha": first.alpha,
         "lora_dropout": first.dropout_p,
         "use_rslora": first.rslora,
-        "target_modules": [name for name, _ in layers],
+        "target_modules": _peft_targets(model, [name for name, _ in layers], saved_names),
         "bias": bias,
         "init_lora_weights": init,
         # PEFT sets it when it adapts a Conv1D (GPT-2); the tensors are the same either way.
@@ -119,41 +200,70 @@ def _config_for(layers: list[tuple[str, LoRALinear]], bias: str,
     }
 
 
-def _bias_tensors(model: nn.Module, layers: list[tuple[str, LoRALinear]],
-                  bias: str) -> dict[str, torch.Tensor]:
-    """The bias entries of the adapter file, by PEFT key, pointing at the model's tensors."""
+def _peft_state(model: nn.Module, wrappers: dict[str, ModuleToSave]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``model`` under the key PEFT's state dict gives it (adapter name removed).
+
+    ``wrappers`` are the modules trained whole, by base-model path (those the
+    model has, or is about to have); any other wrapper counts as its original.
+    """
     out: dict[str, torch.Tensor] = {}
-    if bias == "none":
-        return out
-    for name, layer in layers:
-        if layer.base.bias is not None:
-            out[f"{PREFIX}{name}.base_layer.bias"] = layer.base.bias
-    if bias == "all":
-        inside = {f"{name}.base.bias" for name, _ in layers}
-        for name, p in model.named_parameters():
-            if name.endswith("bias") and name not in inside:
-                out[f"{PREFIX}{name}"] = p
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        if prefix in wrappers:
+            wrapper = wrappers[prefix]
+            for key, t in wrapper.original_module.state_dict(keep_vars=True).items():
+                out[f"{prefix}.original_module.{key}"] = t
+            for key, t in wrapper.trained.state_dict(keep_vars=True).items():
+                out[f"{prefix}.modules_to_save.{key}"] = t
+            return
+        if isinstance(module, ModuleToSave):
+            module = module.original_module
+        if isinstance(module, LoRALinear):
+            for key, t in module.base.state_dict(keep_vars=True).items():
+                out[_join(prefix, f"base_layer.{key}")] = t
+            out[_join(prefix, "lora_A.weight")] = module.lora_A
+            out[_join(prefix, "lora_B.weight")] = module.lora_B
+            return
+        for key, t in module._parameters.items():
+            if t is not None:
+                out[_join(prefix, key)] = t
+        for key, t in module._buffers.items():
+            if t is not None and key not in module._non_persistent_buffers_set:
+                out[_join(prefix, key)] = t
+        for name, child in module._modules.items():
+            if child is not None:
+                walk(child, _join(prefix, name))
+
+    walk(model, "")
     return out
 
 
-def _saved_tensors(modules: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-    """PEFT's keys for modules trained whole: ``base_model.model.<module>.<state name>``."""
+def _adapter_tensors(state: dict[str, torch.Tensor], layers: list[tuple[str, LoRALinear]],
+                     bias: str, wrappers: dict[str, ModuleToSave],
+                     peft_extras: bool) -> dict[str, torch.Tensor]:
+    """The adapter's entries of the file, by PEFT key, pointing at the model's tensors.
+
+    ``peft_extras`` adds what PEFT also writes with ``bias="all"``: the biases
+    inside a module trained whole, under ``original_module`` and
+    ``modules_to_save`` (copies of a base bias and of the trained copy's bias).
+    """
+    inner = tuple(f"{w}.{part}." for w in wrappers for part in ("original_module", "modules_to_save"))
     out: dict[str, torch.Tensor] = {}
-    for path, module in modules:
-        for key, value in module.state_dict(keep_vars=True).items():
-            out[f"{PREFIX}{path}.{key}"] = value
+    for name, _ in layers:
+        for key in ("lora_A.weight", "lora_B.weight"):
+            out[PREFIX + _join(name, key)] = state[_join(name, key)]
+    if bias == "lora_only":
+        for name, _ in layers:
+            if _join(name, "base_layer.bias") in state:
+                out[PREFIX + _join(name, "base_layer.bias")] = state[_join(name, "base_layer.bias")]
+    elif bias == "all":
+        for key, t in state.items():
+            if (key == "bias" or key.endswith(".bias")) and (peft_extras or not key.startswith(inner)):
+                out[PREFIX + key] = t
+    for path, wrapper in wrappers.items():
+        for key, t in wrapper.trained.state_dict(keep_vars=True).items():
+            out[f"{PREFIX}{path}.{key}"] = t
     return out
-
-
-def _adapter_tensors(model: nn.Module, layers: list[tuple[str, LoRALinear]], bias: str,
-                     saved: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for name, layer in layers:
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B
-    tensors.update(_bias_tensors(model, layers, bias))
-    tensors.update(_saved_tensors(saved))
-    return tensors
 
 
 def save_adapter(model: nn.Module, directory: str | Path, bias: str | None = None) -> Path:
@@ -171,35 +281,35 @@ def save_adapter(model: nn.Module, directory: str | Path, bias: str | None = Non
             with ``LoRALinear`` layers directly, such as ``TinyAdapter``).
             Modules trained whole (``add_lora``'s ``modules_to_save``) are saved too.
             Merged layers are saved with their adapters (the merge is not part of the file).
+
+    The config's ``r`` is the factors' rank, and factors whose shapes do not
+    fit together are refused (:class:`ValueError`), so the file never
+    contradicts itself; so is a model PEFT could not be told to select exactly.
     """
     from safetensors.torch import save_file
 
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     layers = list(lora_layers(model))
     if not layers:
         raise ValueError("model has no LoRALinear layers: nothing to save")
+    if isinstance(model, LoRALinear):
+        raise TypeError("save_adapter needs the model that holds the LoRALinear layers, not a "
+                        "LoRALinear itself (PEFT adapts the modules of a model)")
     if bias is None:
         bias = recorded_bias(model) or "none"
     bias = check_choice("bias", bias, BIAS_MODES)
-    saved = saved_modules(model)
-    names = _recorded_names(model) if saved else None
-    config = _config_for(layers, bias, names)
+    _check_factors(layers)
+    wrappers = dict(saved_modules(model))
+    config = _config_for(model, layers, bias, _saved_names(model, wrappers))
+    state = _peft_state(model, wrappers)
     tensors = {key: t.detach().to("cpu", copy=True).contiguous()
-               for key, t in _adapter_tensors(model, layers, bias, saved).items()}
+               for key, t in _adapter_tensors(state, layers, bias, wrappers, True).items()}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
     (directory / ADAPTER_CONFIG).write_text(text + "\n")
     return directory
-
-
-def _recorded_names(model: nn.Module) -> list[str] | None:
-    for module in model.modules():
-        if MODULES_TO_SAVE_ATTR in vars(module):
-            return vars(module)[MODULES_TO_SAVE_ATTR]
-    return None
 
 
 # ------------------------------------------------------------------ loading
@@ -342,16 +452,55 @@ def _check_scaling(layers: list[tuple[str, LoRALinear]], settings: dict[str, Any
                 f"value(s) in {dtype} (lora_alpha={settings['alpha']!r})")
 
 
+def _plan_wrappers(model: nn.Module, names: list[str] | None,
+                   lora_names: list[str]) -> dict[str, ModuleToSave]:
+    """The modules trained whole the file describes, by path: the model's wrappers, or new ones."""
+    found = _match_modules_to_save(model, names) if names else []
+    _check_saved_matches(model, found, lora_names, AdapterFormatError)
+    return {path: module if isinstance(module, ModuleToSave) else ModuleToSave(module)
+            for path, module in found}
+
+
+def _unexpected(model: nn.Module, key: str, lora_names: list[str]) -> AdapterFormatError:
+    """The error for a file entry that names nothing of the model's, saying what is there."""
+    path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    modules = dict(base_modules(model))
+    owner = max((name for name in modules if not name or path.startswith(name + ".")), key=len)
+    if isinstance(modules[owner], LoRALinear):
+        return AdapterFormatError(
+            f"{key}: the LoRALinear at {owner!r} has no tensor {path[len(owner) + 1:]!r} (an "
+            "adapter there holds lora_A.weight and lora_B.weight, and base_layer.* only as "
+            "bias or a copy of the base)")
+    module = path.rsplit(".", 2)[0]
+    why = ""
+    if _read_not_called(dict(model.named_modules()), module):
+        why = (": it is the out_proj of nn.MultiheadAttention, which this library does not "
+               "adapt (the attention reads out_proj.weight without calling out_proj, so "
+               "PEFT's adapter there changes nothing until merged)")
+    elif owner and path.count(".") == owner.count(".") + 1:
+        why = (f": it is a tensor of the base module {owner!r}; if that module was trained "
+               "whole, the config's modules_to_save must name it")
+    return AdapterFormatError(
+        f"{key}: the model has no LoRALinear, adapter bias or module to save at this path "
+        f"({module!r}){why}; its LoRA layers are {lora_names}")
+
+
 def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     """Load an adapter directory in PEFT's format into ``model``'s ``LoRALinear`` layers.
 
     Every layer receives ``lora_A``, ``lora_B`` (and biases, by the config's
     ``bias``) and takes the config's ``lora_alpha``, ``use_rslora`` and
     ``lora_dropout``; ``r`` must equal each layer's rank. Modules the config
-    lists in ``modules_to_save`` (matched by PEFT's rule) receive their saved
-    state whole. The bias mode and ``modules_to_save`` are recorded on the
-    model, so saving it again writes the same kind of adapter. Nothing is
-    changed unless everything fits.
+    lists in ``modules_to_save`` (matched by PEFT's rule) are trained whole as
+    in PEFT: each becomes a :class:`~lora_tutorial.module_to_save.ModuleToSave`
+    (if it is not one already) whose trained copy receives the saved state,
+    and a module the model trains whole that the file does not list gets its
+    original back. Entries that copy a base tensor must equal the model's.
+    Then what trains is exactly the adapter the file describes (the factors,
+    the config's biases, the trained copies;
+    :func:`~lora_tutorial.params.mark_only_lora_as_trainable`), and the bias
+    mode and ``modules_to_save`` are recorded on the model, so saving it again
+    writes the same kind of adapter. Nothing is changed unless everything fits.
 
     Returns:
         ``model``.
@@ -361,15 +510,16 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
             that is not a JSON object of the right types and ranges (a string
             where a boolean or number belongs, ``lora_alpha`` not finite in the
             model's dtype, ...) or asks for what this library cannot honour
-            (DoRA, pattern ranks, an initialisation that rewrites the base,
-            ...); a file that is not safetensors (pickle is never read); a
-            missing, unexpected or mis-shaped tensor, a wrong rank; an integer
-            or boolean tensor where the model holds floating point; a value
-            that is not finite once cast to the model's dtype, or an update
-            that is not; merged layers.
+            (DoRA, pattern ranks, tied adapters (``ensure_weight_tying``), an
+            initialisation that rewrites the base, ...); a file that is not
+            safetensors (pickle is never read); a missing, unexpected or
+            mis-shaped tensor, a wrong rank; a copy of a base tensor that
+            differs from the model's; an integer or boolean tensor where the
+            model holds floating point; a value that is not finite once cast
+            to the model's dtype, or an update that is not; merged layers.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
+    _check_initialised(model)  # (ValueError) what trains is set at the end, by what it is
     directory = Path(directory)
     settings = _read_config(directory)
     loaded = _read_weights(directory)
@@ -382,23 +532,20 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         raise AdapterFormatError(
             f"layers {merged} are merged: call unmerge_weights_() before loading an adapter")
     names = settings["modules_to_save"]
-    saved = _match_modules_to_save(model, names) if names else []
     lora_names = [name for name, _ in layers]
-    for path, module in saved:
-        if any(path == n or path.startswith(n + ".") for n in lora_names) or any(
-                isinstance(m, LoRALinear) for m in module.modules()):
-            raise AdapterFormatError(
-                f"modules_to_save={names!r} matches {path!r}, which is or holds a LoRALinear")
-    expected = _adapter_tensors(model, layers, settings["bias"], saved)
+    plan = _plan_wrappers(model, names, lora_names)
+    state = _peft_state(model, plan)
+    expected = _adapter_tensors(state, layers, settings["bias"], plan, False)
 
-    unexpected = sorted(set(loaded) - set(expected))
-    if unexpected:
-        key = unexpected[0]
-        module = key[len(PREFIX):].rsplit(".", 2)[0] if key.startswith(PREFIX) else key
-        raise AdapterFormatError(
-            f"{key}: the model has no LoRALinear, adapter bias or module to save at this "
-            f"path ({module!r}); its LoRA layers are {lora_names}"
-        )
+    # Beyond the adapter, a file may copy the base inside an adapted layer or a module
+    # trained whole (PEFT saves an adapted, tied lm_head's base_layer.weight, and biases
+    # under original_module and modules_to_save with bias="all").
+    inner = tuple(f"{PREFIX}{_join(name, 'base_layer')}." for name in lora_names) + tuple(
+        f"{PREFIX}{path}.{part}." for path in plan for part in ("original_module", "modules_to_save"))
+    others = sorted(set(loaded) - set(expected))
+    for key in others:
+        if not (key.startswith(inner) and key[len(PREFIX):] in state):
+            raise _unexpected(model, key, lora_names)
     missing = sorted(set(expected) - set(loaded))
     if missing:
         raise AdapterFormatError(
@@ -410,14 +557,37 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
                 f"has r={layer.r}")
     cast = {key: _cast(key, loaded[key], target) for key, target in expected.items()}
     _check_scaling(layers, settings, cast)
+    # Entries beyond the adapter copy a tensor of the model: they must hold what it will hold.
+    after = {id(target): key for key, target in expected.items()}
+    for key in others:
+        target = state[key[len(PREFIX):]]
+        value = _cast(key, loaded[key], target)
+        if id(target) in after:
+            if not torch.equal(value, cast[after[id(target)]]):
+                raise AdapterFormatError(
+                    f"{key} and {after[id(target)]} are the same tensor of the model, but the "
+                    "file holds different values for them")
+        elif not torch.equal(value, target.detach()):
+            raise AdapterFormatError(
+                f"{key} is a copy of a base tensor of the model, which an adapter does not "
+                "change, but its value differs from the model's: the adapter was saved with "
+                "another base model (load_adapter never overwrites a base tensor)")
 
     # Everything fits: now change the model.
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(cast[key])
+    current = dict(saved_modules(model))
+    for path, wrapper in current.items():
+        if path not in plan:
+            _replace(model, path, wrapper.original_module)
+    for path, wrapper in plan.items():
+        if path not in current:
+            _replace(model, path, wrapper)
     for _, layer in layers:
         layer.alpha, layer.rslora = settings["alpha"], settings["rslora"]
         layer.dropout_p = settings["dropout"]
+    mark_only_lora_as_trainable(model, bias=settings["bias"])
     setattr(model, BIAS_ATTR, settings["bias"])
     setattr(model, MODULES_TO_SAVE_ATTR, names)
     return model

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import as_generator, check_positive_int
+from ._checks import as_generator, check_last_dim, check_positive_finite, check_positive_int
 from .layers import make_linear
 from .training import train
 
@@ -65,10 +65,18 @@ def torch_threads(n: int = 1) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class Split:
-    """Images ``x (n, 64)`` in [0, 1] and their class labels ``y (n,)`` (int64)."""
+    """Images ``x (n, 64)`` in [0, 1] and their class labels ``y (n,)`` (int64).
+
+    Checked when made: ``x`` a finite floating-point ``(n, features)`` tensor,
+    ``y`` an integer ``(n,)`` tensor.
+    """
 
     x: torch.Tensor
     y: torch.Tensor
+
+    def __post_init__(self) -> None:
+        _check_inputs("x", self.x)
+        _check_labels("y", self.y, len(self.x))
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -159,6 +167,7 @@ class DigitsMLP(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input: ``(n, 64)`` → ``(n, hidden)``."""
+        check_last_dim("x", x, 64)
         x = F.relu(self.fc1(x))
         x = F.relu(self.fc2(x))
         return F.relu(self.fc3(x))
@@ -168,18 +177,57 @@ class DigitsMLP(nn.Module):
         return self.head(self.features(x))
 
 
+def _check_inputs(name: str, x: object) -> torch.Tensor:
+    """A finite floating-point ``(n, features)`` tensor with ``n >= 1``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must hold floating-point values, got dtype {x.dtype}")
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"{name} must have shape (n, features) with n >= 1, got {tuple(x.shape)}")
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name} holds {bad} value(s) that are not finite (NaN or inf)")
+    return x
+
+
+def _check_labels(name: str, labels: object, n: int) -> torch.Tensor:
+    """An integer ``(n,)`` tensor of class labels."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer class labels, got dtype {labels.dtype}")
+    if tuple(labels.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), one label per row, got {tuple(labels.shape)}")
+    return labels
+
+
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> float:
     """The fraction of rows of ``x (n, 64)`` whose arg-max logit is ``labels (n,)``.
 
     Computed in evaluation mode; the model is put back in the mode it was in.
+    ``x`` must be finite with ``n >= 1`` rows, ``labels`` integers of shape
+    ``(n,)`` (not ``(n, 1)``, which would broadcast), and the model's logits
+    ``(n, classes)`` with every label below ``classes``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    x = _check_inputs("x", x)
+    labels = _check_labels("labels", labels, len(x))
     was_training = model.training
     model.eval()
     try:
-        return float((model(x).argmax(dim=1) == labels).float().mean())
+        logits = model(x)
     finally:
         model.train(was_training)
+    if logits.dim() != 2 or logits.shape[0] != len(x):
+        raise ValueError(f"the model's logits must have shape ({len(x)}, classes), got "
+                         f"{tuple(logits.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= logits.shape[1]:
+        raise ValueError(f"labels must lie in [0, {logits.shape[1]}) (the model's classes), got "
+                         f"values from {int(labels.min())} to {int(labels.max())}")
+    return float((logits.argmax(dim=1) == labels).float().mean())
 
 
 def pretrain_digits(
@@ -189,25 +237,37 @@ def pretrain_digits(
 
     Full-batch AdamW on the cross-entropy, with
     :func:`~lora_tutorial.training.train`, on one CPU thread
-    (:func:`torch_threads`). Returns the loss history.
+    (:func:`torch_threads`). Returns the loss history. Every argument is
+    checked before any parameter is made trainable.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(split, Split):
+        raise TypeError(f"split must be a Split, got {type(split).__name__}")
+    steps = check_positive_int("steps", steps)
+    lr = check_positive_finite("lr", lr)
     model.requires_grad_(True)
     with torch_threads(1):
         return train(model, split.x, split.y, steps=steps, lr=lr, loss_fn=F.cross_entropy)
 
 
 def pretrained_digits_mlp(
-    seed: int = 0, steps: int = 200, hidden: int = 64
+    seed: int | torch.Generator = 0, steps: int = 200, hidden: int = 64
 ) -> tuple[Task, Task, DigitsMLP]:
     """The two tasks and a :class:`DigitsMLP` pretrained on the source task.
 
     The splits are drawn with ``seed`` and the network's weights with
-    ``seed + 1``; pretraining is deterministic, so equal arguments give equal
+    ``seed + 1`` (a ``torch.Generator`` as ``seed`` is drawn from for both, in
+    that order); pretraining is deterministic, so equal arguments give equal
     weights. The model comes back frozen (``requires_grad=False``) and in
     evaluation mode, ready to be adapted.
     """
+    as_generator(seed)  # checked before anything is drawn
+    steps = check_positive_int("steps", steps)
+    hidden = check_positive_int("hidden", hidden)
+    weights = seed if isinstance(seed, torch.Generator) else seed + 1
     source, target = load_digit_tasks(seed)
-    model = DigitsMLP(n_classes=len(SOURCE_DIGITS), hidden=hidden, seed=seed + 1)
+    model = DigitsMLP(n_classes=len(SOURCE_DIGITS), hidden=hidden, seed=weights)
     pretrain_digits(model, source.train, steps=steps)
     model.requires_grad_(False)
     return source, target, model.eval()

@@ -14,12 +14,24 @@ it, merging the updates or not.
   ``"model.layers.0.self_attn.q_proj"``);
 * a single string: a regular expression the full name must match entirely
   (``re.fullmatch``), e.g. ``r".*\\.attn\\.c_attn"``;
-* ``"all-linear"``: every linear layer except the output head (for a
-  ``transformers`` model, the module ``get_output_embeddings()`` returns, as
-  in PEFT).
+* ``"all-linear"``: every linear layer except the output head of a
+  ``transformers`` model (the module its ``get_output_embeddings()``
+  returns), as in PEFT. One choice differs from PEFT's, on purpose: the
+  ``out_proj`` of ``nn.MultiheadAttention`` (inside
+  ``nn.TransformerEncoderLayer``, for instance) is left out, because that
+  module reads ``out_proj.weight`` and never calls ``out_proj``: PEFT adapts
+  it, and its adapter changes nothing until merged.
 
 A target that matches nothing, or matches a module that cannot be adapted,
 raises :class:`ValueError` saying which and why, before the model changes.
+
+``modules_to_save`` are matched as PEFT matches them (the module's full name
+ends with the given name) and wrapped in a
+:class:`~lora_tutorial.module_to_save.ModuleToSave`: the original is kept,
+frozen, and a copy trains. Weight tying is found by parameter identity: an
+adapted layer whose base weight another module also holds (GPT-2's
+``lm_head`` is its input embedding) refuses to merge, since merging would
+change the other module too.
 
 For QLoRA, :func:`quantize_model` first replaces the targets by 4-bit
 :class:`~lora_tutorial.quant.NF4Linear` layers (same target syntax), which
@@ -29,21 +41,34 @@ For QLoRA, :func:`quantize_model` first replaces the targets by 4-bit
 
 from __future__ import annotations
 
+import contextlib
 import re
+import sys
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ._checks import as_generator, check_bool, check_choice, check_positive_int
-from .layers import LoRALinear, _check_hparams, _conv1d_type, _refuse_quantized_merge
+from .layers import (
+    LoRALinear,
+    _base_weight,
+    _check_hparams,
+    _conv1d_type,
+    _refuse_quantized_merge,
+    _same_tensor,
+)
+from .module_to_save import ModuleToSave
 from .params import BIAS_MODES, mark_only_lora_as_trainable
 from .quant import BLOCK_SIZE, NF4Linear, _check_weight
 
 __all__ = [
     "ALL_LINEAR",
     "add_lora",
+    "base_modules",
     "dequantize_model",
+    "disable_adapter",
     "lora_layers",
     "quantize_model",
     "recorded_bias",
@@ -59,11 +84,44 @@ BIAS_ATTR = "lora_bias_mode"
 MODULES_TO_SAVE_ATTR = "lora_modules_to_save"
 
 
+def _check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoRALinear]]:
     """Every :class:`~lora_tutorial.layers.LoRALinear` in ``model``, with its name."""
+    _check_model(model)
     for name, module in model.named_modules():
         if isinstance(module, LoRALinear):
             yield name, module
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """The modules of ``model`` as the base model (and PEFT) names them, with those names.
+
+    A :class:`~lora_tutorial.layers.LoRALinear` at ``P`` is given as itself at
+    ``P`` (its insides are not listed); a
+    :class:`~lora_tutorial.module_to_save.ModuleToSave` at ``W`` as itself at
+    ``W``, followed by the modules inside its original module (``W.x``).
+    Shared modules are listed once, as ``named_modules()`` does.
+    """
+    _check_model(model)
+    seen: set[int] = set()
+
+    def walk(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        yield prefix, module
+        if isinstance(module, LoRALinear):
+            return
+        inner = module.original_module if isinstance(module, ModuleToSave) else module
+        for name, child in inner.named_children():
+            yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    yield from walk(model, "")
 
 
 def recorded_bias(model: nn.Module) -> str | None:
@@ -72,17 +130,40 @@ def recorded_bias(model: nn.Module) -> str | None:
     :func:`add_lora` (and :func:`~lora_tutorial.params.mark_only_lora_as_trainable`)
     record it; :func:`~lora_tutorial.adapter_io.save_adapter` saves biases by it.
     """
-    return _recorded(model, BIAS_ATTR)
+    return _recorded(_check_model(model), BIAS_ATTR)
 
 
-def saved_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The fully trained modules recorded by ``add_lora(..., modules_to_save=...)``.
+def saved_modules(model: nn.Module) -> list[tuple[str, ModuleToSave]]:
+    """The modules trained whole (``add_lora(..., modules_to_save=...)``), with their names.
 
-    Returns ``(name, module)`` pairs, matched by PEFT's rule (the module's
-    name ends with one of the recorded names); empty if none were recorded.
+    Returns ``(name, wrapper)`` pairs: each
+    :class:`~lora_tutorial.module_to_save.ModuleToSave` keeps the original
+    module (``original_module``) and the copy that trains (``trained``).
     """
-    names = _recorded(model, MODULES_TO_SAVE_ATTR)
-    return _match_modules_to_save(model, names) if names else []
+    return [(name, module) for name, module in _check_model(model).named_modules()
+            if isinstance(module, ModuleToSave)]
+
+
+@contextlib.contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Within this context ``model`` computes what its base model does (PEFT's ``disable_adapter``).
+
+    Every :class:`~lora_tutorial.layers.LoRALinear` computes only its base, and
+    every module trained whole uses its original. Merged layers are refused
+    (:class:`RuntimeError`, before anything is switched off): their update is
+    in the base weight.
+    """
+    layers = list(lora_layers(model))
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"cannot disable the adapter of merged layers {merged}: "
+                           "call unmerge_weights_() on them first")
+    with contextlib.ExitStack() as stack:
+        for _, layer in layers:
+            stack.enter_context(layer.disable_adapter())
+        for _, wrapper in saved_modules(model):
+            stack.enter_context(wrapper.disable_adapter())
+        yield model
 
 
 def _recorded(model: nn.Module, attribute: str) -> object:
@@ -99,6 +180,43 @@ def _quantizable(module: nn.Module) -> bool:
 
 def _adaptable(module: nn.Module) -> bool:
     return _quantizable(module) or isinstance(module, NF4Linear)
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``transformers`` ``PreTrainedModel`` (never imports transformers)."""
+    module = sys.modules.get("transformers.modeling_utils")
+    pretrained = getattr(module, "PreTrainedModel", None)
+    return pretrained is not None and isinstance(model, pretrained)
+
+
+def _check_initialised(model: nn.Module) -> None:
+    """Refuse a model with uninitialised (lazy) parameters, whose sizes are not known yet."""
+    for name, p in [*model.named_parameters(), *model.named_buffers()]:
+        if is_lazy(p):
+            raise ValueError(
+                f"model has an uninitialised lazy parameter {name!r} (an nn.LazyLinear or "
+                "similar, whose sizes are unknown until its first forward pass): run one "
+                "batch through the model first; nothing was changed")
+
+
+def _holders(model: nn.Module) -> list[tuple[str, nn.Module, str, torch.Tensor]]:
+    """Every parameter of ``model`` as ``(name, module, attribute, tensor)``, shared ones at each path."""
+    out = []
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in module._parameters.items():
+            if p is not None:
+                out.append((f"{module_name}.{attr}" if module_name else attr, module, attr, p))
+    return out
+
+
+def _ties(holders: list[tuple[str, nn.Module, str, torch.Tensor]], path: str,
+          weight: torch.Tensor | None) -> tuple[tuple[str, nn.Module, str], ...]:
+    """The holders of ``weight`` other than the layer at ``path`` itself (weight tying)."""
+    if weight is None:
+        return ()
+    own = (f"{path}.weight", f"{path}.base.weight")
+    return tuple((name, module, attr) for name, module, attr, p in holders
+                 if name not in own and _same_tensor(p, weight))
 
 
 def _read_not_called(modules: dict[str, nn.Module], name: str) -> bool:
@@ -142,8 +260,9 @@ def _check_names(argument: str, names: object) -> list[str]:
 
 def _match_modules_to_save(model: nn.Module, names: list[str]) -> list[tuple[str, nn.Module]]:
     """Modules with state whose name ends with one of ``names`` (PEFT's rule, plain
-    ``str.endswith``: ``"classifier"`` also matches ``"pre_classifier"``)."""
-    return [(name, module) for name, module in model.named_modules()
+    ``str.endswith``: ``"classifier"`` also matches ``"pre_classifier"``), named as
+    in the base model; a module already trained whole is given as its wrapper."""
+    return [(name, module) for name, module in base_modules(model)
             if name and any(name.endswith(n) for n in names) and module.state_dict()]
 
 
@@ -151,31 +270,51 @@ def _inside(name: str, prefixes: Iterable[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-def _check_modules_to_save(model: nn.Module, names: list[str],
-                           lora_names: list[str]) -> list[tuple[str, nn.Module]]:
+def _check_modules_to_save(model: nn.Module, names: list[str], lora_names: list[str],
+                           earlier: list[str]) -> list[tuple[str, nn.Module]]:
+    """The modules ``names`` select; each name but the ``earlier`` ones (recorded, perhaps
+    from a PEFT file naming modules this model lacks) must select one."""
     found = _match_modules_to_save(model, names)
     matched = {n for n in names if any(name.endswith(n) for name, _ in found)}
-    unmatched = [n for n in names if n not in matched]
+    unmatched = [n for n in names if n not in matched and n not in earlier]
     if unmatched:
         raise ValueError(
             f"modules_to_save names {unmatched} match no module with parameters "
             "(PEFT's rule: the module's full name ends with the given name)")
+    _check_saved_matches(model, found, lora_names, ValueError)
+    return found
+
+
+def _check_saved_matches(model: nn.Module, found: list[tuple[str, nn.Module]],
+                        lora_names: list[str], error: type[Exception]) -> None:
+    """Refuse modules to train whole that hold a LoRALinear, nest, are containers, or sit at two paths."""
     paths = [name for name, _ in found]
     for name, module in found:
         if _inside(name, lora_names) or any(isinstance(m, LoRALinear) for m in module.modules()):
-            raise ValueError(
+            raise error(
                 f"modules_to_save matches {name!r}, which is or holds a LoRALinear: "
                 "a module is either adapted or saved whole, not both")
         if any(isinstance(m, NF4Linear) for m in module.modules()):
-            raise ValueError(
+            raise error(
                 f"modules_to_save matches {name!r}, which is or holds an NF4Linear: its "
                 "4-bit weight cannot be trained whole (dequantize_model first, or adapt it)")
         nested = [p for p in paths if p != name and p.startswith(name + ".")]
         if nested:
-            raise ValueError(
+            raise error(
                 f"modules_to_save matches both {name!r} and {nested[0]!r} inside it; "
                 "name only the outer module")
-    return found
+        target = module.original_module if isinstance(module, ModuleToSave) else module
+        if isinstance(target, (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)):
+            raise error(
+                f"modules_to_save matches {name!r}, a {type(target).__name__}, which has no "
+                "forward pass of its own to train a copy of (PEFT refuses it too)")
+        shared = [other for other, m in model.named_modules(remove_duplicate=False)
+                  if m is target and other != name and not other.endswith(".original_module")]
+        if shared:
+            raise error(
+                f"modules_to_save matches {name!r}, a module that is also at {shared[0]!r} "
+                "(one module at two paths): a trained copy would replace it at one path "
+                "only; nothing was changed")
 
 
 def _why_not(modules: dict[str, nn.Module], name: str, quantize: bool = False) -> str:
@@ -200,9 +339,8 @@ def _choose(model: nn.Module, target_modules: object,
     match, targets = _target_matcher(target_modules)
     lora_names = [name for name, _ in lora_layers(model)]
     modules = dict(model.named_modules())
-    if match is None:  # "all-linear": every linear layer but the output head
-        head = getattr(model, "get_output_embeddings", None)
-        head = head() if callable(head) else None
+    if match is None:  # "all-linear": every linear layer but a transformers model's head
+        head = model.get_output_embeddings() if _is_transformers_model(model) else None
         excluded = {name for name, m in modules.items() if head is not None and m is head}
         matched = [name for name, m in modules.items()
                    if _adaptable(m) and name not in excluded
@@ -272,15 +410,16 @@ def add_lora(
     """Wrap every matching linear layer of ``model`` in a ``LoRALinear``, in place.
 
     Everything else is frozen, except the biases ``bias`` names and the
-    ``modules_to_save``, which train whole. Everything is checked before the
-    model changes: a refused call leaves it as it was.
+    copies of the ``modules_to_save``, which train whole. Everything is
+    checked before the model changes: a refused call leaves it as it was.
 
     Args:
-        model: any module.
+        model: any module (with every lazy module initialised).
         target_modules: which layers to adapt: a list of names (or name
             suffixes), a regular expression for the full name, or
-            ``"all-linear"`` (see the module docstring). Matches may be
-            ``nn.Linear``, a subclass of it, or GPT-2's ``Conv1D``.
+            ``"all-linear"`` (see the module docstring, which says where it
+            differs from PEFT's). Matches may be ``nn.Linear``, a subclass of
+            it, or GPT-2's ``Conv1D``.
         r, alpha, dropout, init, init_scale, rslora: the adapters' settings
             (defaults follow PEFT).
         bias: which biases train too: ``"none"``, ``"lora_only"`` (the
@@ -289,11 +428,19 @@ def add_lora(
             even after they are frozen again.
         modules_to_save: names of modules trained whole beside the adapter
             (a classification head, say), matched as PEFT matches them (the
-            module's full name ends with the name); recorded and saved by
-            ``save_adapter`` in PEFT's format. They are never adapted.
+            module's full name ends with the name). As in PEFT each is
+            wrapped in a :class:`~lora_tutorial.module_to_save.ModuleToSave`
+            that keeps the original, frozen, and trains a copy; recorded and
+            saved by ``save_adapter`` in PEFT's format. They are never adapted.
         seed: an ``int`` or a ``torch.Generator`` the adapters' initial values
             are drawn from, layer by layer in the order of
             ``model.named_modules()``.
+
+    An adapted layer whose base weight another module also holds (weight
+    tying, found by parameter identity: GPT-2's ``lm_head`` is its input
+    embedding) trains and runs as any other, but refuses to merge
+    (:meth:`~lora_tutorial.layers.LoRALinear.tied_to`); PEFT merges into it
+    and so changes the embedding too.
 
     Returns:
         ``model`` itself.
@@ -301,10 +448,10 @@ def add_lora(
     Raises:
         TypeError: for arguments of the wrong kind.
         ValueError: for a target that matches nothing, a match that cannot be
-            adapted (saying why), or a model that is already adapted there.
+            adapted (saying why), a model that is already adapted there, or an
+            uninitialised lazy module.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     hparams = _check_hparams(r, alpha, dropout, init, init_scale)
     if not isinstance(rslora, bool):
         raise TypeError(f"rslora must be a bool, got {rslora!r}")
@@ -313,12 +460,15 @@ def add_lora(
     earlier = _recorded(model, MODULES_TO_SAVE_ATTR) or []  # from an earlier add_lora
     saved_names = list(earlier) + [n for n in saved_names if n not in earlier]
     gen = as_generator(seed)
+    _check_initialised(model)
     lora_names = [name for name, _ in lora_layers(model)]
-    saved = _check_modules_to_save(model, saved_names, lora_names) if saved_names else []
-    chosen = _choose(model, target_modules, [name for name, _ in saved])
+    saved = _check_modules_to_save(model, saved_names, lora_names, earlier) if saved_names else []
+    wrapped = [name for name, _ in saved_modules(model)]
+    chosen = _choose(model, target_modules, [name for name, _ in saved] + wrapped)
 
-    # Everything is checked: build every adapter, then change the model.
+    # Everything is checked: build every adapter and copy, then change the model.
     r, alpha, dropout, init, init_scale = hparams
+    holders = _holders(model)
     new = {
         name: LoRALinear.from_linear(
             model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, init=init,
@@ -326,39 +476,60 @@ def add_lora(
         for name in chosen
     }
     for name, layer in new.items():
-        _replace(model, name, layer)
+        layer._ties = _ties(holders, name, _base_weight(layer))
+    copies = {name: ModuleToSave(module) for name, module in saved
+              if not isinstance(module, ModuleToSave)}
+    for name, module in [*new.items(), *copies.items()]:
+        _replace(model, name, module)
     mark_only_lora_as_trainable(model, bias=bias)
-    for _, module in saved:
-        module.requires_grad_(True)
     setattr(model, BIAS_ATTR, bias)
     setattr(model, MODULES_TO_SAVE_ATTR, saved_names or None)
     return model
 
 
+def _refuse_tied_merges(model: nn.Module, layers: list[tuple[str, LoRALinear]]) -> None:
+    holders = _holders(model)
+    for name, layer in layers:
+        tied = [other for other, _, _ in _ties(holders, name, _base_weight(layer))]
+        if tied and not layer.merged:
+            raise RuntimeError(
+                f"refusing to merge: the base weight of {name!r} is tied to {tied} (the "
+                "same parameter), so merging would silently change that too. Call "
+                f"model.get_submodule({name!r}).untie_weights_() first to give the layer "
+                "its own copy, or unload with merge=False; no layer was changed")
+
+
 def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Replace every ``LoRALinear`` in ``model`` by its base layer, in place.
+    """Take the adapter out of ``model``, in place: every ``LoRALinear`` becomes its base layer.
 
     With ``merge=True`` (PEFT's ``merge_and_unload``) each update is merged into
-    its base weight first, so the plain model computes what the adapted one did
-    (in evaluation mode); every layer is checked first, and if any merged
-    weight would not be finite, or any base is an
+    its base weight first, and each module trained whole is replaced by its
+    trained copy, so the plain model computes what the adapted one did (in
+    evaluation mode). Every layer is checked first: if any merged weight would
+    not be finite, any base weight is tied to another parameter (merging
+    would change that too, see
+    :meth:`~lora_tutorial.layers.LoRALinear.untie_weights_`), or any base is an
     :class:`~lora_tutorial.quant.NF4Linear` (:class:`TypeError`: merge into a
-    dequantised copy, :func:`dequantize_model`), nothing changes. With ``merge=False`` (PEFT's
-    ``unload``) the adapters are dropped and the base weights restored.
+    dequantised copy, :func:`dequantize_model`), nothing changes.
+    With ``merge=False`` the adapters are dropped, the base weights restored
+    and each module trained whole replaced by its original: the base model
+    comes back. (PEFT's ``unload`` keeps the trained copies instead; here
+    ``merge=False`` means the model without its adapter, copies included.)
     Returns ``model`` (a bare ``LoRALinear`` cannot replace itself: unload
-    its parent). Modules trained whole (``modules_to_save``) stay as trained.
+    its parent).
     """
     if isinstance(model, LoRALinear):
         raise TypeError("unload_lora needs the model that holds the LoRALinear layers, "
                         "not a LoRALinear itself")
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_model(model)
     if not isinstance(merge, bool):
         raise TypeError(f"merge must be a bool, got {merge!r}")
     layers = list(lora_layers(model))
+    wrappers = saved_modules(model)
     if merge:
         for name, layer in layers:
             _refuse_quantized_merge(layer.base, name)
+        _refuse_tied_merges(model, layers)
         with torch.no_grad():
             for name, layer in layers:
                 if layer.merged:
@@ -377,6 +548,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
             layer.unmerge_weights_()
     for name, layer in layers:
         _replace(model, name, layer.base)
+    for name, wrapper in wrappers:
+        _replace(model, name, wrapper.trained if merge else wrapper.original_module)
     for attribute in (BIAS_ATTR, MODULES_TO_SAVE_ATTR):
         for module in model.modules():
             vars(module).pop(attribute, None)

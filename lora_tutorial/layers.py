@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ._checks import (
     as_generator,
@@ -138,20 +139,109 @@ class LoRALayer(nn.Module):
                 f"out_features={self.out_features}, rank={self.rank}")
 
 
+class _FixedByTensors:
+    """An attribute of a LoRA layer set while it is built, read-only after (its tensors fix it)."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: Any, owner: type | None = None) -> Any:
+        return self if layer is None else layer.__dict__["_" + self.name]
+
+    def __set__(self, layer: Any, value: Any) -> None:
+        layer._set_once(self.name, value)
+
+
 class _LoRABookkeeping(nn.Module):
     """What :class:`LoRALinear` keeps besides its maths.
 
     Validated settings (``alpha``, ``rslora``, ``dropout_p``, settable later;
-    ``alpha`` and ``rslora`` fixed while merged), switching the adapter off,
-    refusing what a merged layer cannot do, and the merged state in the state
-    dict: a merged layer holds the update it merged, ``merged_lora_B`` (the
-    scaled ``s B``) and ``merged_lora_A``, as buffers that a state dict
-    carries only while merged (so an unmerged layer's state dict has exactly
-    the keys ``lora_A``, ``lora_B``, ``base.weight`` and ``base.bias``).
+    ``alpha`` and ``rslora`` fixed while merged); sizes the tensors fix
+    (``r``, ``in_features``, ``out_features``, ``fan_in_fan_out``: read-only
+    once the layer is built); switching the adapter off; refusing what a
+    merged layer cannot do; weight tying (a base weight that is also another
+    module's parameter, recorded by :func:`~lora_tutorial.inject.add_lora`,
+    is never merged into; :meth:`untie_weights_` gives the base its own copy);
+    and the merged state in the state dict: a merged layer holds the update it
+    merged, ``merged_lora_B`` (the scaled ``s B``) and ``merged_lora_A``, as
+    buffers that a state dict carries only while merged (so an unmerged layer's
+    state dict has exactly the keys ``lora_A``, ``lora_B``, ``base.weight`` and
+    ``base.bias``). A state dict is checked whole before this layer changes:
+    every shape, and a merge record only together with the base weight it was
+    made with.
     """
 
     merged_lora_A: torch.Tensor | None
     merged_lora_B: torch.Tensor | None
+    # Other holders of the base weight, as (name, module, attribute), recorded by add_lora.
+    _ties: tuple[tuple[str, nn.Module, str], ...] = ()
+
+    @property
+    def r(self) -> int:
+        """The rank: ``lora_A.shape[0]`` (read-only; build a new layer for another rank)."""
+        if "lora_A" in self._parameters:
+            return int(self.lora_A.shape[0])
+        return self.__dict__["_r"]
+
+    @r.setter
+    def r(self, value: int) -> None:
+        self._set_once("r", value)
+
+    in_features = _FixedByTensors("Size of each input sample (read-only: the base layer's).")
+    out_features = _FixedByTensors("Size of each output sample (read-only: the base layer's).")
+    fan_in_fan_out = _FixedByTensors(
+        "Whether the base stores its weight ``(in, out)`` (GPT-2's ``Conv1D``; read-only).")
+
+    def _set_once(self, name: str, value: object) -> None:
+        if "lora_A" in self._parameters:  # built: the tensors fix it
+            shapes = f"lora_A {tuple(self.lora_A.shape)}, lora_B {tuple(self.lora_B.shape)}"
+            raise AttributeError(
+                f"{name} is read-only: the layer's tensors fix it ({shapes}), so setting "
+                f"it to {value!r} would contradict them; build a new layer instead, e.g. "
+                "LoRALinear.from_linear(layer.base, r=...)")
+        self.__dict__["_" + name] = value
+
+    def tied_to(self) -> list[str]:
+        """Other parameters that are this layer's base weight (weight tying), by name.
+
+        :func:`~lora_tutorial.inject.add_lora` records them (found by parameter
+        identity, or a tensor on the same memory); they are checked again
+        here, so a tie undone since is not listed. ``merge_weights_`` refuses
+        while the list is not empty: merging would change them too.
+        """
+        weight = _base_weight(self)
+        if weight is None:
+            return []
+        return [name for name, module, attr in self._ties
+                if (other := module._parameters.get(attr)) is not None and _same_tensor(other, weight)]
+
+    @torch.no_grad()
+    def untie_weights_(self) -> None:
+        """Give the base layer its own copy of its weight, so merging changes this layer only.
+
+        The explicit way to merge into a tied weight (GPT-2's ``lm_head`` is
+        its input embedding): the tied partner keeps the original weight.
+        Outputs do not change. A ``transformers`` model re-ties the two if its
+        ``tie_weights()`` runs again (when saved and reloaded, for instance).
+        """
+        self._refuse_while_merged("untie the base weight")
+        weight = _base_weight(self)
+        if weight is None:  # a base without a float weight shares none
+            return
+        self.base.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        self._ties = ()
+
+    def _refuse_if_tied(self) -> None:
+        tied = self.tied_to()
+        if tied:
+            raise RuntimeError(
+                f"refusing to merge: this LoRALinear's base weight is tied to {tied} (the "
+                "same parameter), so merging would silently change that too. Call "
+                "untie_weights_() on the layer first to give it its own copy, or keep the "
+                "adapter unmerged; nothing was changed")
 
     @property
     def merged(self) -> bool:
@@ -215,6 +305,9 @@ class _LoRABookkeeping(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str,
                               *args: Any) -> None:
+        # Checked whole first: PyTorch loads the base layer after this method
+        # returns, and would change it even if a factor does not fit.
+        self._check_state_dict(state_dict, prefix)
         # A state dict with the base weight says whether it is merged: by
         # holding merged_lora_A and merged_lora_B, or not.
         if prefix + "base.weight" in state_dict:
@@ -224,6 +317,33 @@ class _LoRABookkeeping(nn.Module):
             self.merged_lora_A = a if merged else None  # filled in by super()
             self.merged_lora_B = b if merged else None
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def _check_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
+        expected = {"lora_A": self.lora_A.shape, "lora_B": self.lora_B.shape,
+                    "merged_lora_A": self.lora_A.shape, "merged_lora_B": self.lora_B.shape}
+        for key in ("weight", "bias"):
+            value = getattr(self.base, key, None)
+            if isinstance(value, torch.Tensor):
+                expected["base." + key] = value.shape
+        for key, shape in expected.items():
+            value = state_dict.get(prefix + key)
+            if value is not None and tuple(getattr(value, "shape", ())) != tuple(shape):
+                raise RuntimeError(
+                    f"cannot load {prefix + key} of shape {tuple(getattr(value, 'shape', ()))} "
+                    f"into a LoRALinear that holds {tuple(shape)} (r={self.r}, in_features="
+                    f"{self.in_features}, out_features={self.out_features}); nothing was "
+                    "loaded into this layer")
+        record = [k for k in ("merged_lora_A", "merged_lora_B") if prefix + k in state_dict]
+        if record and (len(record) < 2 or prefix + "base.weight" not in state_dict):
+            lacking = [prefix + k for k in ("merged_lora_A", "merged_lora_B", "base.weight")
+                       if prefix + k not in state_dict]
+            raise RuntimeError(
+                f"refusing a merge record without its base: the state dict holds "
+                f"{[prefix + k for k in record]} but not {lacking}. A merge record is "
+                "only loaded together with the base weight it was made with (filtering a "
+                "state dict by '\"lora_\" in key' takes it apart: leave out the "
+                "'merged_lora_' keys too, or unmerge before saving); nothing was loaded "
+                "into this layer")
 
     def extra_repr(self) -> str:
         rule = "alpha/sqrt(r)" if self.rslora else "alpha/r"
@@ -341,13 +461,15 @@ class LoRALinear(_LoRABookkeeping):
         """Add ``delta_weight()`` into the base weight, once.
 
         A merged weight that would not be finite (NaN, or an overflow in
-        fp16/bf16) raises :class:`ValueError`; nothing is changed. An
+        fp16/bf16) raises :class:`ValueError`, a base weight tied to another
+        parameter (:meth:`tied_to`) :class:`RuntimeError`; nothing is changed. An
         :class:`~lora_tutorial.quant.NF4Linear` base raises :class:`TypeError`
         (merging would mean quantising again; merge into a dequantised copy).
         """
         if self.merged:
             return
         _refuse_quantized_merge(self.base)
+        self._refuse_if_tied()  # merging would change the tied partner too
         scaled_b, a = self.scaling * self.lora_B, self.lora_A.clone()
         delta = self._as_stored(scaled_b @ a)  # delta_weight(), as stored
         bad = int((~torch.isfinite(self.base.weight + delta)).sum())
@@ -400,10 +522,38 @@ def _features(layer: object) -> tuple[tuple[int, int], bool]:
         n_in, n_out = layer.weight.shape
         return (int(n_in), int(n_out)), True
     if isinstance(layer, nn.Linear):
+        if is_lazy(layer.weight):
+            raise ValueError(
+                f"linear is an uninitialised {type(layer).__name__}: its in_features are "
+                "unknown until its first forward pass; run one batch through it (or the "
+                "model) first")
         return (layer.in_features, layer.out_features), False
     raise TypeError(
         "linear must be a torch.nn.Linear (or a subclass), a transformers Conv1D "
         f"or an NF4Linear, got {type(layer).__name__}")
+
+
+def _base_weight(layer: nn.Module) -> torch.Tensor | None:
+    """The base layer's weight tensor, or ``None`` for a base that keeps none."""
+    weight = getattr(layer.base, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) else None
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` are one tensor: the same object, or the same memory.
+
+    Weight tying makes two modules hold the same ``nn.Parameter``; a tensor
+    made from another's memory (``nn.Parameter(w.data)``) is tied just as
+    much, since writing into one writes into the other.
+    """
+    if a is b:
+        return True
+    if is_lazy(a) or is_lazy(b) or a.device != b.device or a.device.type == "meta":
+        return False
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset())
 
 
 def _check_base(base: object, in_features: int, out_features: int) -> bool:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from ._checks import check_choice
 from .layers import LoRALinear
+from .module_to_save import ModuleToSave
 
 __all__ = ["BIAS_MODES", "ParamCount", "count_parameters", "mark_only_lora_as_trainable"]
 
@@ -47,12 +49,20 @@ def count_parameters(model: nn.Module) -> ParamCount:
 
 
 def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCount:
-    """Freeze everything but the LoRA factors (``lora_A``, ``lora_B``), in place.
+    """Freeze everything but the adapter, in place.
+
+    What trains is decided by what a parameter is, never by its name (a base
+    module called ``explora_head`` is frozen like any other): the factors
+    ``lora_A`` and ``lora_B`` of every
+    :class:`~lora_tutorial.layers.LoRALinear`, the trained copy of every
+    module trained whole (a :class:`~lora_tutorial.module_to_save.ModuleToSave`,
+    whose original stays frozen), and the biases ``bias`` names.
 
     Args:
-        model: any module; parameters whose name contains ``"lora_"`` stay trainable.
-        bias: ``"none"`` freezes every bias; ``"all"`` keeps every bias in the
-            model trainable; ``"lora_only"`` keeps the bias of each
+        model: any module.
+        bias: ``"none"`` freezes every other bias; ``"all"`` keeps every bias in
+            the model trainable (but those of the originals kept beside a
+            trained copy); ``"lora_only"`` keeps the bias of each
             :class:`~lora_tutorial.layers.LoRALinear`'s base layer trainable (what the source does when
             it trains "LoRA A/B and optional bias" of the head).
 
@@ -67,20 +77,23 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCo
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     check_choice("bias", bias, BIAS_MODES)
-    lora_biases = {
-        id(module.base.bias)
-        for module in model.modules()
-        if isinstance(module, LoRALinear) and module.base.bias is not None
-    }
+    for name, p in model.named_parameters():
+        if is_lazy(p):
+            raise ValueError(f"model has an uninitialised lazy parameter {name!r}: run one "
+                             "batch through the model first; nothing was changed")
+    trainable: set[int] = set()
+    originals: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            trainable.update({id(module.lora_A), id(module.lora_B)})
+            if bias == "lora_only" and module.base.bias is not None:
+                trainable.add(id(module.base.bias))
+        elif isinstance(module, ModuleToSave):
+            trainable.update(id(p) for p in module.trained.parameters())
+            originals.update(id(p) for p in module.original_module.parameters())
     for name, p in model.named_parameters():
         is_bias = name == "bias" or name.endswith(".bias")
-        if "lora_" in name:
-            p.requires_grad = True
-        elif bias == "all" and is_bias:
-            p.requires_grad = True
-        elif bias == "lora_only" and id(p) in lora_biases:
-            p.requires_grad = True
-        else:
-            p.requires_grad = False
+        p.requires_grad = id(p) in trainable or (
+            bias == "all" and is_bias and id(p) not in originals)
     model.lora_bias_mode = bias
     return count_parameters(model)

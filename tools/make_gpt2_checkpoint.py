@@ -2,9 +2,11 @@
 
 It pretrains `lora_tutorial.charlm.char_gpt2` on the docstrings of the installed
 NumPy by the recipe `lora_tutorial.charlm.PRETRAIN` (about a minute or two on one
-CPU thread) and saves it in float16 with its first losses in the file's metadata.
-`tests/unit/test_charlm.py` checks that the recipe still reproduces those losses
-exactly; run this script after changing the model, the corpus or the recipe.
+CPU thread) and saves it in float16 with, in the file's metadata, its first
+losses and the model's shape (`model_shape`: `MODEL_SHAPE` and the vocabulary
+size, which `pretrained_char_gpt2` checks, since `n_head` cannot be read off the
+tensors). `tests/unit/test_charlm.py` checks that the recipe still reproduces
+those losses; run this script after changing the model, the corpus or the recipe.
 
 Usage: python tools/make_gpt2_checkpoint.py
 """

@@ -78,9 +78,10 @@ def finetune(
         The loss before each step.
     """
     steps = check_positive_int("steps", steps)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    b_params = [p for n, p in named if n.endswith("lora_B")]
-    others = [p for n, p in named if not n.endswith("lora_B")]
+    b_ids = {id(layer.lora_B) for _, layer in lt.lora_layers(model)}  # what it is, not its name
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    b_params = [p for p in trainable if id(p) in b_ids]
+    others = [p for p in trainable if id(p) not in b_ids]
     groups = [{"params": others, "lr": lr}]
     if b_params:
         groups.append({"params": b_params, "lr": lr * b_lr_ratio})
@@ -362,7 +363,7 @@ def placement_sweep(
                 model = lab.adapt("lora", r=r, targets=targets, seed=seed)
                 finetune(model, lab.target.train, steps=lab.steps, lr=lr)
                 accs.append(lab.target_accuracy(model))
-            n = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+            n = sum(layer.lora_A.numel() + layer.lora_B.numel() for _, layer in lt.lora_layers(model))
             out[label] = (n, sum(accs) / len(accs))
     return out
 

@@ -78,3 +78,62 @@ def test_pretrain_digits_returns_a_falling_loss():
     split = Split(x, (x[:, 0] > 0.5).long())
     history = lt.pretrain_digits(lt.DigitsMLP(n_classes=2, seed=0), split, steps=30)
     assert len(history) == 30 and history[-1] < history[0]
+
+
+# ------------------------------------------------------------ issue 18: inputs checked before anything changes
+@pytest.fixture
+def three_way():
+    model = torch.nn.Linear(64, 3)
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.copy_(torch.tensor([0.0, 1.0, 0.0]))
+    return model
+
+
+@pytest.mark.parametrize("x, labels, error, message", [
+    (torch.rand(4, 64), torch.tensor([[1], [1], [0], [2]]), ValueError,
+     r"labels must have shape \(4,\), one label per row, got \(4, 1\)"),
+    (torch.rand(0, 64), torch.zeros(0, dtype=torch.long), ValueError, r"x must have shape \(n, features\) "
+                                                                       r"with n >= 1, got \(0, 64\)"),
+    (torch.full((2, 64), float("nan")), torch.tensor([1, 1]), ValueError, r"x holds 128 value\(s\) that are not finite"),
+    (torch.rand(2, 64), torch.tensor([1.0, 1.0]), TypeError, "labels must hold integer class labels"),
+    (torch.rand(2, 64), torch.tensor([1, 3]), ValueError, r"labels must lie in \[0, 3\)"),
+])
+def test_accuracy_refuses_what_would_broadcast_or_not_count(three_way, x, labels, error, message):
+    with pytest.raises(error, match=message):
+        accuracy(three_way, x, labels)
+
+
+def test_pretrain_digits_checks_before_making_anything_trainable():
+    """Issue 18: steps=0 made every parameter trainable (512 -> 13,317), then raised."""
+    model = lt.add_lora(lt.DigitsMLP(seed=0), ["fc1"], r=4)
+    count = lt.count_parameters(model).trainable
+    split = Split(torch.rand(8, 64), torch.zeros(8, dtype=torch.long))
+    for kwargs, message in [(dict(steps=0), "steps must be a positive int"),
+                            (dict(lr=float("nan")), "lr must be a positive finite number")]:
+        with pytest.raises(ValueError, match=message):
+            lt.pretrain_digits(model, split, **kwargs)
+        assert lt.count_parameters(model).trainable == count
+    with pytest.raises(TypeError, match="split must be a Split"):
+        lt.pretrain_digits(model, (split.x, split.y))
+    with pytest.raises(ValueError, match=r"y must have shape \(8,\)"):
+        Split(torch.rand(8, 64), torch.zeros(8, 1, dtype=torch.long))
+
+
+def test_pretrained_digits_mlp_accepts_a_generator_and_checks_first():
+    g = torch.Generator().manual_seed(5)
+    state = g.get_state()
+    with pytest.raises(ValueError, match="steps must be a positive int"):
+        lt.pretrained_digits_mlp(seed=g, steps=0)
+    with pytest.raises(TypeError, match="seed must be an int or a torch.Generator"):
+        lt.pretrained_digits_mlp(seed=1.5)
+    assert torch.equal(g.get_state(), state)
+    _, target, model = lt.pretrained_digits_mlp(seed=g, steps=5, hidden=8)
+    _, again, twin = lt.pretrained_digits_mlp(seed=torch.Generator().manual_seed(5), steps=5, hidden=8)
+    assert torch.equal(target.test.x, again.test.x)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+
+
+def test_the_mlp_names_a_wrong_input_width():
+    with pytest.raises(ValueError, match=r"x must have last dimension 64 \(in_features\), got shape \(3, 10\)"):
+        lt.DigitsMLP(seed=0)(torch.rand(3, 10))

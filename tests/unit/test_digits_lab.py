@@ -33,7 +33,8 @@ def test_adapt_sets_up_each_method(lab):
     assert lt.count_parameters(full).trainable == sum(p.numel() for p in full.parameters())
     lora = lab.adapt("lora", r=2, targets=["fc2"])
     names = {n for n, p in lora.named_parameters() if p.requires_grad}
-    assert names == {"fc2.lora_A", "fc2.lora_B", "head.weight", "head.bias"}
+    assert names == {"fc2.lora_A", "fc2.lora_B", "head.modules_to_save.default.weight",
+                     "head.modules_to_save.default.bias"}  # a trained copy of the head, as in PEFT
     assert lora.fc2.alpha == 4.0  # alpha defaults to 2r
     with pytest.raises(ValueError, match="method"):
         lab.adapt("prefix")

@@ -162,7 +162,7 @@ def test_modules_to_save_train_whole_and_are_never_adapted():
     model.classifier.requires_grad_(False)
     lt.add_lora(model, "all-linear", r=2, modules_to_save=["classifier"])
     assert names(model) == ["body.q_proj", "body.v_proj", "body.mlp.0", "body.mlp.2"]
-    assert all(p.requires_grad for p in model.classifier.parameters())
+    assert all(p.requires_grad for p in model.classifier.trained.parameters())
     assert [name for name, _ in lt.saved_modules(model)] == ["classifier"]
     with pytest.raises(ValueError, match=r"modules_to_save names \['head'\] match no module with parameters"):
         lt.add_lora(nn.Sequential(Block()), ["q_proj"], modules_to_save=["head"])
@@ -172,7 +172,7 @@ def test_modules_to_save_train_whole_and_are_never_adapted():
     lt.add_lora(model, ["q_proj"], r=2, modules_to_save=["classifier"])
     lt.add_lora(model, ["v_proj"], r=2)  # adapting more layers keeps the head saved
     assert [name for name, _ in lt.saved_modules(model)] == ["classifier"]
-    assert all(p.requires_grad for p in model.classifier.parameters())
+    assert all(p.requires_grad for p in model.classifier.trained.parameters())
     adapted = lt.add_lora(nn.Sequential(Block()), ["q_proj"], r=2)
     with pytest.raises(ValueError, match="is or holds a LoRALinear"):
         lt.add_lora(adapted, ["v_proj"], modules_to_save=["q_proj"])
