@@ -319,9 +319,10 @@ def pretrain_char_gpt2(
 
     The model is drawn with ``seed`` and batches from a generator seeded with
     it (a ``torch.Generator`` is drawn from for both); the learning rate
-    decays linearly to zero. It runs on one CPU thread, so that a machine of
-    the same kind, with the same library versions, computes the same losses
-    bit for bit (other processors may round differently). Returns the model and the loss of
+    decays linearly to zero. It runs on one CPU thread, so that the thread
+    count cannot change the order of any sum; other processors' float32 kernels
+    still round differently in the last bits (see the book's reproducibility
+    appendix for the measured spread). Returns the model and the loss of
     every step. ``stop_after`` ends the run early, on the same schedule (the
     test that the recipe still reproduces the shipped model uses it).
     """

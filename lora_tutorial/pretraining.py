@@ -11,6 +11,7 @@ both.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -80,6 +81,10 @@ def pretrain(
         return train(model, x, y, steps=steps, lr=lr, seed=seed)
 
 
+#: How many of the pretraining's first losses a checkpoint records.
+FIRST_LOSSES = 50
+
+
 def write_checkpoint(path: Path | None = None, *, train_head: bool = False) -> list[float]:
     """Pretrain the source's model from scratch and save its weights.
 
@@ -92,7 +97,10 @@ def write_checkpoint(path: Path | None = None, *, train_head: bool = False) -> l
     task, model = source_setup()
     history = pretrain(model, task.x_train, task.y_old_train, train_head=train_head)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    # The first losses let a test check the recipe on any machine in seconds,
+    # before float32 rounding has had hundreds of steps to grow.
+    metadata = {"first_losses": json.dumps(history[:FIRST_LOSSES])}
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path), metadata)
     return history
 
 

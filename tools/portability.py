@@ -11,8 +11,12 @@ one, and reports each printed number that differs, with its values and spread.
     python tools/portability.py                      # every chapter, every environment
     python tools/portability.py notebooks/01_naive_lora.ipynb --env default
     python tools/portability.py --report portability.md
+    python tools/portability.py --checkpoints      # the shipped checkpoints' spread
 
-``make portability`` runs the first form. The exit status is 1 when any output
+``make portability`` runs the first form. ``--checkpoints`` retrains the recipes
+behind the shipped checkpoints under each environment and reports how far each
+lands from the stored values: the unit tests that check the checkpoints derive
+their tolerances from this measurement. The exit status is 1 when any output
 differs from the stored notebook, 0 otherwise.
 """
 
@@ -156,6 +160,55 @@ def number_differences(chapter: str, cell: int, runs: dict[str, str]) -> list[Di
     return found
 
 
+#: Run under each environment by ``--checkpoints``: one JSON line of deviations.
+CHECKPOINT_PROBE = """
+import json, torch
+from safetensors import safe_open
+import lora_tutorial as lt
+from lora_tutorial import charlm
+from lora_tutorial.pretraining import _checkpoint_path
+out = {}
+for head in (False, True):
+    task, model = lt.source_setup()
+    history = lt.pretrain(model, task.x_train, task.y_old_train, train_head=head)
+    _, shipped = lt.pretrained_tiny_adapter(train_head=head)
+    live = model.state_dict()
+    out[f"TinyAdapter (head {'pretrained' if head else 'frozen'}): weights after 800 steps"] = max(
+        (live[k] - v).abs().max().item() for k, v in shipped.state_dict().items())
+    with safe_open(str(_checkpoint_path(head)), "pt") as f:
+        first = json.loads((f.metadata() or {}).get("first_losses", "[]"))
+    if first:
+        out[f"TinyAdapter (head {'pretrained' if head else 'frozen'}): first {len(first)} losses"] = max(
+            abs(a - b) for a, b in zip(history, first))
+with safe_open(str(charlm.CHECKPOINT_PATH), "pt") as f:
+    first = json.loads(f.metadata()["first_losses"])
+_, history = charlm.pretrain_char_gpt2(charlm.numpy_docstrings(charlm.CharTokenizer()),
+                                       **charlm.PRETRAIN, stop_after=len(first))
+out[f"character GPT-2: first {len(first)} losses"] = max(abs(a - b) for a, b in zip(history, first))
+print(json.dumps(out))
+"""
+
+
+def checkpoint_spread(envs: list[str]) -> str:
+    """Retrain the shipped checkpoints' recipes under each environment; tabulate the deviations."""
+    import subprocess
+
+    base = {k: v for k, v in os.environ.items() if k not in MATRIX_KEYS}
+    rows: dict[str, dict[str, float]] = {}
+    for env in envs:
+        done = subprocess.run([sys.executable, "-c", CHECKPOINT_PROBE], env={**base, **MATRIX[env]},
+                              capture_output=True, text=True, check=True, cwd=ROOT)
+        for what, value in json.loads(done.stdout.strip().splitlines()[-1]).items():
+            rows.setdefault(what, {})[env] = value
+        print(f"  checkpoints [{env}]: done", flush=True)
+    lines = ["| recipe, compared with the stored values | " + " | ".join(envs) + " | largest |",
+             "| --- | " + " | ".join("---:" for _ in envs) + " | ---: |"]
+    for what, by_env in rows.items():
+        lines.append(f"| {what} | " + " | ".join(f"{by_env[e]:.1e}" for e in envs)
+                     + f" | {max(by_env.values()):.1e} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
@@ -164,7 +217,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="kernels at once (timings are then not comparable)")
     parser.add_argument("--report", type=Path, help="also write the report (markdown) here")
+    parser.add_argument("--checkpoints", action="store_true",
+                        help="measure the shipped checkpoints' recipes instead of the chapters")
     args = parser.parse_args(argv)
+    if args.checkpoints:
+        table = checkpoint_spread(args.env or list(MATRIX))
+        print(table)
+        if args.report:
+            args.report.write_text(table)
+        return 0
     paths = [p.resolve() for p in args.notebooks] or sorted((ROOT / "notebooks").glob("*.ipynb"))
     envs = args.env or list(MATRIX)
 

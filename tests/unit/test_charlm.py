@@ -62,12 +62,15 @@ def test_the_recipe_still_reproduces_the_shipped_checkpoint(numpy_corpus):
     assert json.loads(meta["recipe"]) == charlm.PRETRAIN
     first = json.loads(meta["first_losses"])
     _, history = charlm.pretrain_char_gpt2(numpy_corpus, **charlm.PRETRAIN, stop_after=len(first))
-    if meta["made_on"] == charlm.made_on():
-        # The machine kind and versions that wrote the file: bit for bit.
-        # A difference means the recipe changed: run tools/make_gpt2_checkpoint.py.
-        assert history == first
-    else:  # another processor may round differently, but not by much
-        assert history == pytest.approx(first, abs=1e-3), platform.machine()
+    # Not bit for bit: another processor's float32 kernels round differently, and
+    # "made_on" cannot tell two x86 CPUs apart. Measured on 2026-12-03, the first
+    # 20 losses (about 4.2 nats) of a live run differed from the stored ones by at
+    # most 5.7e-6 across the portability matrix (native AVX-512, ATEN_CPU_CAPABILITY
+    # =default and =avx2, MKL_CBWR=COMPATIBLE, OMP_NUM_THREADS=1; /tmp script in the
+    # closing note of issue 16). 5e-5 allows that spread nine times over and still
+    # fails for any change of the recipe: a different learning rate, batch or seed
+    # moves the second loss by more than 1e-3.
+    assert history == pytest.approx(first, abs=5e-5), platform.machine()
 
 
 def test_the_shipped_model_is_small_and_has_learned_its_corpus(tokenizer, numpy_corpus, shipped):

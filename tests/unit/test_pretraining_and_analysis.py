@@ -1,9 +1,13 @@
 """Chapter 3's set-up, the shipped checkpoint, and the small analysis helpers."""
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 
 import lora_tutorial as lt
+from lora_tutorial.pretraining import FIRST_LOSSES, _checkpoint_path
 
 
 def test_source_setup_is_the_sources_stream(global_rng_untouched):
@@ -56,25 +60,48 @@ def test_singular_values():
         lt.singular_values(torch.ones(3))
 
 
+# Tolerances measured with `python tools/portability.py --checkpoints` on 2026-12-03
+# (native AVX-512, ATEN_CPU_CAPABILITY=default and =avx2, MKL_CBWR=COMPATIBLE,
+# OMP_NUM_THREADS=1; the reproducibility appendix shows the table). The first 50
+# losses of a live run differ from the stored ones by at most 6e-8; after all 800
+# float32 steps the weights differ by at most 6e-6 (head frozen) and 6e-3 (head
+# pretrained too: its run amplifies rounding far more). Each tolerance allows the
+# largest measured spread about five to fifteen times over; bit-for-bit equality
+# would hold only where the kernels are provably the same.
+FIRST_LOSSES_ATOL = 1e-6
+WEIGHTS_ATOL = {False: 1e-4, True: 3e-2}
+
+
 @pytest.mark.parametrize("train_head", [False, True])
 def test_live_pretraining_reproduces_the_shipped_checkpoints(train_head):
-    # Chapter 3 (and 4, 6, the explorer) load these instead of pretraining again:
-    # they must be exactly what lt.pretrain makes (tools/make_checkpoint.py).
+    # Chapter 3 (and 4, 6, the explorer) load these instead of pretraining again
+    # (800 steps): they must be what lt.pretrain makes (tools/make_checkpoint.py).
     task, model = lt.source_setup()
-    lt.pretrain(model, task.x_train, task.y_old_train, train_head=train_head)
+    history = lt.pretrain(model, task.x_train, task.y_old_train, train_head=train_head)
+    with safe_open(str(_checkpoint_path(train_head)), "pt") as f:
+        first = json.loads(f.metadata()["first_losses"])
+    assert len(first) == FIRST_LOSSES
+    assert history[:FIRST_LOSSES] == pytest.approx(first, abs=FIRST_LOSSES_ATOL)
     _, shipped = lt.pretrained_tiny_adapter(train_head=train_head)
     for name, value in shipped.state_dict().items():
-        assert torch.allclose(model.state_dict()[name], value, atol=1e-4), name
+        assert torch.allclose(model.state_dict()[name], value, atol=WEIGHTS_ATOL[train_head]), name
+    if train_head:  # the comparison run of chapter 3, Finding 2
+        assert history[-1] < 0.015  # lower than the head-frozen run's 0.0207
+        assert shipped.head.base.bias.requires_grad is False and shipped.head.lora_A.requires_grad
 
 
-def test_head_pretrained_checkpoint_reproduces():
-    # Chapter 3 loads this comparison run instead of pretraining it again (800 steps).
+def test_a_changed_recipe_breaks_the_first_losses():
+    # The check above can fail: a recipe one step of the learning rate away
+    # already moves the first losses far beyond FIRST_LOSSES_ATOL.
     task, model = lt.source_setup()
-    history = lt.pretrain(model, task.x_train, task.y_old_train, train_head=True)
-    _, shipped = lt.pretrained_tiny_adapter(train_head=True)
-    for name, value in shipped.state_dict().items():
-        assert torch.allclose(model.state_dict()[name], value, atol=1e-4), name
-    assert history[-1] < 0.015  # lower than the head-frozen run's 0.0207
-    assert shipped.head.base.bias.requires_grad is False and shipped.head.lora_A.requires_grad
+    history = lt.pretrain(model, task.x_train, task.y_old_train, steps=5, lr=2.2e-3)
+    with safe_open(str(_checkpoint_path(False)), "pt") as f:
+        first = json.loads(f.metadata()["first_losses"])
+    assert max(abs(a - b) for a, b in zip(history, first)) > 100 * FIRST_LOSSES_ATOL
+
+
+def test_pretrained_tiny_adapter_checks_its_arguments():
     with pytest.raises(TypeError, match="train_head must be True or False"):
         lt.pretrained_tiny_adapter(train_head="yes")
+    with pytest.raises(TypeError, match="dtype"):
+        lt.pretrained_tiny_adapter(dtype=torch.int32)
