@@ -56,6 +56,7 @@ benchmark: $(VENV)/.installed
 
 portability: $(VENV)/.installed
 	$(BIN)/python tools/portability.py --report benchmarks/results/portability.md
+	$(BIN)/python tools/portability.py --checkpoints --report benchmarks/results/checkpoint_spread.md
 	$(BIN)/python tools/float_drift.py --markdown benchmarks/results/float_drift.md
 
 clean:
