@@ -1,10 +1,10 @@
 """Latency of the live rank/alpha explorer: what one slider move costs.
 
 Drives `RankAlphaExplorer.update` (what a slider move calls: retrain chapter 3's
-adapter on the cached statistics with `fit_lora_on_stats` (autograd and
-torch.optim.AdamW, one intra-op thread), redraw the figure, hand the PNG to the
-widget) over a sweep of slider values, then repeats the sweep, which the cache
-answers. The machine's load average is recorded before and after: on a shared
+adapter on the cached statistics in float64 with `fit_adapters_on_stats` (the
+gradient by formula, torch.optim.AdamW, one intra-op thread), redraw the figure,
+hand the PNG to the widget) over a sweep of slider values, then repeats the
+sweep, which the cache answers. The machine's load average is recorded before and after: on a shared
 machine it matters more than anything in the code, so the CPU time of each move
 (which waiting for a core does not inflate) is reported beside the wall time.
 

@@ -1,11 +1,15 @@
-"""The rank/alpha explorer: retrain chapter 3's adapter as sliders move, and see what changes.
+"""The rank/alpha lab and explorer: retrain chapter 3's adapter for any rank, alpha and seed.
 
-Three pieces:
+Four pieces:
 
 * :class:`RankAlphaLab` retrains the adapter of chapter 3's pretrained
-  ``TinyAdapter`` head for any rank, alpha and scaling rule, on the cached
-  statistics of the frozen features (:func:`~lora_tutorial.frozen_features.fit_lora_on_stats`),
-  and caches every result;
+  ``TinyAdapter`` head for any rank, alpha, scaling rule and seed of the
+  adapter's initial ``A``, on the cached statistics of the frozen features,
+  in float64, many adapters of one rank at once, and caches every result;
+* :class:`RankAlphaSweep` holds the losses of a grid of such runs over seeds
+  and training lengths, and reads and writes the results file the book ships
+  (``tools/make_rank_alpha_sweep.py`` writes it, chapter 4 reads it and checks
+  part of it live);
 * :class:`ExplorerFigure` draws one result in one figure: the training curve,
   the final loss beside the best any rank-``r`` update can reach, and the
   singular values of the learned update beside those of the task's change;
@@ -20,10 +24,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,25 +39,31 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter, ScalarFormatter
 from PIL import Image as PILImage
 
-from .._checks import check_positive_finite, check_positive_int
+from .._checks import check_bool, check_positive_finite, check_positive_int, check_probability
 from ..analysis import singular_values
-from ..frozen_features import FeatureStats, best_low_rank_update, fit_lora_on_stats
+from ..frozen_features import FeatureStats, best_low_rank_update
 from ..layers import LoRALinear
 from ..pretraining import pretrained_tiny_adapter
 
 __all__ = [
     "ALPHA_RANGE",
+    "fit_adapters_on_stats",
+    "SWEEP_PATH",
     "ExplorerFigure",
     "ExplorerResult",
     "RankAlphaExplorer",
     "RankAlphaLab",
+    "RankAlphaSweep",
     "rank_alpha_explorer",
+    "shipped_rank_alpha_sweep",
     "static_rank_alpha_explorer",
 ]
 
 #: The range of the alpha slider (2**-2 to 2**8, on a log scale).
 ALPHA_RANGE = (2.0**-2, 2.0**8)
 SCALINGS = {"α/r": False, "α/√r": True}
+#: The results file of chapter 4's sweep (``tools/make_rank_alpha_sweep.py`` writes it).
+SWEEP_PATH = Path(__file__).parent / "data" / "rank_alpha_sweep.json"
 
 
 @contextlib.contextmanager
@@ -69,15 +82,133 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@torch.no_grad()
+def fit_adapters_on_stats(
+    stats: FeatureStats,
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    bias: torch.Tensor,
+    scaling: torch.Tensor,
+    *,
+    steps: int,
+    lr: float,
+    dropout: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Train ``n`` rank-``r`` adapters of one frozen head at once, gradients by formula.
+
+    The loss, the optimizer and the result are those of
+    :func:`~lora_tutorial.frozen_features.fit_lora_on_stats` on each adapter
+    alone (the full-batch MSE on the frozen features plus dropout's expected
+    penalty, ``torch.optim.AdamW`` with PyTorch's defaults on ``lora_A``,
+    ``lora_B`` and the bias), up to rounding; ``tests/unit/test_explorer.py``
+    checks it. Two things make it faster: the gradient is written out instead
+    of taken by autograd, ``∂L/∂W = 2 (W G + b h̄ᵀ - Cᵀ) / k`` for the head
+    ``W = W0 + s B A``, and ``W G`` is computed as ``W0 G + s B (A G)``, which
+    costs ``r d²`` instead of ``k d²`` per adapter and step.
+
+    Args:
+        stats: statistics of the frozen features ``(d)`` and targets ``(k)``.
+        weight: the frozen base weight ``W0``, ``(k, d)``.
+        lora_a: the adapters' initial ``A``, ``(n, r, d)``.
+        lora_b: their initial ``B``, ``(n, k, r)``.
+        bias: their initial bias, ``(n, k)``.
+        scaling: each adapter's scale ``s`` (``alpha / r`` or
+            ``alpha / sqrt(r)``), ``(n,)``.
+        steps, lr: the number of AdamW steps and the learning rate.
+        dropout: the dropout rate on the adapter's input (its expected penalty
+            is added to the loss trained on).
+
+    Returns:
+        The trained ``A`` ``(n, r, d)``, ``B`` ``(n, k, r)`` and bias ``(n, k)``,
+        and the history ``(steps + 1, n)``: each adapter's training MSE in
+        evaluation mode (no dropout penalty) after 0, 1, ..., ``steps`` steps.
+
+    Raises:
+        FloatingPointError: if a loss stops being finite.
+    """
+    steps = check_positive_int("steps", steps)
+    lr = check_positive_finite("lr", lr)
+    p = check_probability("dropout", dropout)
+    if not (isinstance(lora_a, torch.Tensor) and lora_a.dim() == 3):
+        raise ValueError(f"lora_a must be a 3-D tensor (n, r, d), got {getattr(lora_a, 'shape', lora_a)!r}")
+    k, d = stats.d_out, stats.d_in
+    n, r = lora_a.shape[0], lora_a.shape[1]
+    shapes = {"weight": (weight, (k, d)), "lora_a": (lora_a, (n, r, d)),
+              "lora_b": (lora_b, (n, k, r)), "bias": (bias, (n, k)), "scaling": (scaling, (n,))}
+    for name, (tensor, shape) in shapes.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    like = {"dtype": lora_a.dtype}
+    gram, mean_h, mean_y = (t.to(**like) for t in (stats.gram, stats.mean_h, stats.mean_y))
+    cross_t = stats.cross.T.to(**like)  # Cᵀ, (k, d)
+    w0 = weight.detach().to(**like)
+    base_w = w0 @ gram - cross_t  # W0 G - Cᵀ, (k, d)
+    base_b = w0 @ mean_h - mean_y  # W0 h̄ - ȳ, (k,)
+    ridge = (2 * p / (1 - p) / k) * torch.diagonal(gram)  # dropout: 2 p/(1-p)/k E[h_i²]
+    a, b, c = (t.detach().to(**like).clone().contiguous() for t in (lora_a, lora_b, bias))
+    s = scaling.detach().to(**like)[:, None, None]
+    # AdamW as fit_lora_on_stats runs it. The gradients set below must be
+    # contiguous: fused AdamW (torch 2.13, CPU) silently misreads a strided one.
+    optimizer = torch.optim.AdamW([a, b, c], lr=lr, fused=True)
+    history = torch.empty(steps + 1, n, **like)
+    for step in range(steps + 1):
+        sb = s * b  # (n, k, r)
+        delta = sb @ a  # ΔW = s B A, (n, k, d)
+        w = w0 + delta  # the heads
+        # R_W = W G + b h̄ᵀ - Cᵀ and R_b = W h̄ + b - ȳ: k/2 times the MSE's gradient
+        r_w = base_w + sb @ (a @ gram) + c[:, :, None] * mean_h
+        r_b = base_b + (sb @ (a @ mean_h)[:, :, None])[..., 0] + c
+        # k MSE = E|y|² + tr(W G Wᵀ) + 2 bᵀW h̄ + |b|² - 2 tr(W C) - 2 bᵀȳ
+        history[step] = (stats.y_sq + (w * (r_w - cross_t)).sum((1, 2))
+                         + (c * (r_b - mean_y)).sum(1)) / k
+        if step == steps:
+            break
+        grad_w = (2 / k) * r_w + ridge * delta  # dropout's penalty acts on ΔW
+        a.grad = sb.transpose(1, 2) @ grad_w
+        b.grad = s * (grad_w @ a.transpose(1, 2))
+        c.grad = (2 / k) * r_b
+        optimizer.step()
+    if not bool(torch.isfinite(history).all()):
+        bad = sorted(set(torch.nonzero(~torch.isfinite(history))[:, 1].tolist()))
+        raise FloatingPointError(
+            f"training diverged (lr={lr}) for adapters {bad}: the loss stopped being finite; "
+            "lower lr or alpha")
+    return a, b, c, history
+
+
+def _as_settings(settings: Iterable[tuple[int, float, bool]]) -> list[tuple[int, float, bool]]:
+    out = []
+    for setting in settings:
+        if not (isinstance(setting, tuple) and len(setting) == 3):
+            raise ValueError(f"settings must hold (rank, alpha, rslora) tuples, got {setting!r}")
+        rank, alpha, rslora = setting
+        out.append((check_positive_int("rank", rank), check_positive_finite("alpha", alpha),
+                    check_bool("rslora", rslora)))
+    return out
+
+
+def _as_seeds(seeds: Iterable[int]) -> list[int]:
+    out = []
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+            raise ValueError(f"seeds must be non-negative ints, got {seed!r}")
+        out.append(int(seed))
+    if not out:
+        raise ValueError("seeds must hold at least one seed, got none")
+    return out
+
+
 @dataclass(frozen=True)
 class ExplorerResult:
     """One retraining of the adapter.
 
     Attributes:
         rank, alpha, rslora: the settings.
-        steps: the step numbers at which ``history`` was recorded.
-        history: the training loss in evaluation mode at those steps.
-        final_loss: the training loss of the result in evaluation mode.
+        seed: the seed of the adapter's initial ``A``.
+        steps: ``0, 1, ..., lab.steps``.
+        history: the training loss in evaluation mode after each number of steps.
+        final_loss: the training loss of the result in evaluation mode (``history[-1]``).
         best_loss: the lowest training loss any rank-``rank`` update can reach.
         learned_sv: singular values of the learned update ``ΔW`` (``rank`` of them).
     """
@@ -85,6 +216,7 @@ class ExplorerResult:
     rank: int
     alpha: float
     rslora: bool
+    seed: int
     steps: np.ndarray
     history: np.ndarray
     final_loss: float
@@ -96,6 +228,13 @@ class ExplorerResult:
         """The factor multiplying ``B @ A``."""
         return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
 
+    def loss_after(self, steps: int) -> float:
+        """The training loss after ``steps`` steps (0 to ``lab.steps``)."""
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or not (
+                0 <= steps < len(self.history)):
+            raise ValueError(f"steps must be an int from 0 to {len(self.history) - 1}, got {steps!r}")
+        return float(self.history[steps])
+
 
 @dataclass
 class RankAlphaLab:
@@ -103,11 +242,11 @@ class RankAlphaLab:
 
     Args:
         stats: statistics of the frozen features and the new task's targets.
-        base: the head's frozen base layer (``W0``, ``b``).
+        base: the head's frozen base layer (``W0``, ``b``); the lab computes in its dtype.
         true_delta: the teacher's change of the head, ``(d_out, d_hidden)``.
         steps, lr: the fine-tuning schedule (chapter 3's: 600 AdamW steps at 5e-3).
         dropout, init, init_scale: the adapter's settings (chapter 3's).
-        seed: seeds ``lora_A``'s initial draw, the same for every setting.
+        seed: the seed of ``lora_A``'s initial draw when a run names none.
         max_rank: the largest rank offered.
     """
 
@@ -126,9 +265,14 @@ class RankAlphaLab:
     _best: dict = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_checkpoint(cls, **kwargs) -> "RankAlphaLab":
-        """The lab for chapter 3's pretrained model (the shipped checkpoint)."""
-        task, model = pretrained_tiny_adapter()
+    def from_checkpoint(cls, dtype: torch.dtype = torch.float64, **kwargs) -> "RankAlphaLab":
+        """The lab for chapter 3's pretrained model (the shipped checkpoint).
+
+        ``dtype`` is the precision of every computation (float64 by default, so
+        that what the book prints does not depend on the machine's kernels);
+        the data are drawn in float32, as the source draws them, then cast.
+        """
+        task, model = pretrained_tiny_adapter(dtype=dtype)
         with torch.no_grad():
             features = model.features(task.x_train)
         return cls(
@@ -158,48 +302,184 @@ class RankAlphaLab:
             self._best["full_sv"] = singular_values(fit.delta_weight).numpy()
         return self._best["full_sv"]
 
-    def run(self, rank: int, alpha: float, rslora: bool = False) -> ExplorerResult:
+    def run(self, rank: int, alpha: float, rslora: bool = False, seed: int | None = None) -> ExplorerResult:
         """Retrain the adapter with these settings (or return the cached result).
 
+        ``seed`` seeds the adapter's initial ``A`` (``None``: the lab's seed).
         Training depends on alpha and the rule only through the scale ``s``
-        (``alpha / r`` or ``alpha / sqrt(r)``): settings with the same rank
-        and the same ``s`` (rank 1 under both rules, or rank 16 with
-        ``α/√r = 16`` and ``α/r = 64``) share one run.
+        (``alpha / r`` or ``alpha / sqrt(r)``): settings with the same rank,
+        seed and ``s`` (rank 1 under both rules, or rank 16 with ``α/√r = 16``
+        and ``α/r = 64``) share one run.
         """
-        rank = check_positive_int("rank", rank)
-        if rank > self.max_rank:
-            raise ValueError(f"rank must be at most max_rank={self.max_rank}, got {rank}")
-        alpha = check_positive_finite("alpha", alpha)
-        key = (rank, float(alpha), bool(rslora))
-        if key not in self._cache:
-            history, final, sv = self._train(rank, alpha, rslora)
-            self._cache[key] = ExplorerResult(
-                rank=rank, alpha=float(alpha), rslora=bool(rslora),
-                steps=np.arange(1, self.steps + 1), history=history,
-                final_loss=final, best_loss=self.best_loss(rank),
-                learned_sv=sv,
-            )
-        return self._cache[key]
+        seeds = None if seed is None else [seed]
+        return self.run_many([(rank, alpha, rslora)], seeds)[0]
 
-    def _train(self, rank: int, alpha: float, rslora: bool) -> tuple:
-        """History, final loss and singular values of one run, by (r, s)."""
-        layer = LoRALinear.from_linear(
-            copy.deepcopy(self.base), r=rank, alpha=alpha,
-            dropout=self.dropout, init=self.init,
-            init_scale=self.init_scale, rslora=rslora, seed=self.seed)
-        key = (rank, layer.scaling)
-        if key not in self._runs:
-            layer.base.bias.requires_grad_(True)  # chapter 3 trains it too
-            with one_thread():
-                history = fit_lora_on_stats(layer, self.stats, steps=self.steps,
-                                            lr=self.lr, record="mse")
-            with torch.no_grad():
-                delta = layer.delta_weight().double()
-                weight = layer.base.weight.double() + delta
-                final = float(self.stats.mse(weight, layer.base.bias))
-            self._runs[key] = (np.array(history), final,
-                               singular_values(delta).numpy()[:rank])
-        return self._runs[key]
+    def run_many(self, settings: Iterable[tuple[int, float, bool]],
+                 seeds: Iterable[int] | None = None) -> list[ExplorerResult]:
+        """Retrain the adapter for every ``(rank, alpha, rslora)`` setting and seed.
+
+        The runs a setting and seed need that are not cached yet are trained
+        together, one batch per rank and seed (:func:`fit_adapters_on_stats`).
+
+        Returns:
+            The results, setting by setting, and for each setting seed by seed.
+        """
+        settings = _as_settings(settings)
+        seeds = [self.seed] if seeds is None else _as_seeds(seeds)
+        for rank, _, _ in settings:
+            if rank > self.max_rank:
+                raise ValueError(f"rank must be at most max_rank={self.max_rank}, got {rank}")
+        keys = [(rank, alpha, rslora, seed) for rank, alpha, rslora in settings for seed in seeds]
+        missing: dict[tuple[int, int], dict[float, None]] = {}
+        for rank, alpha, rslora, seed in keys:
+            scale = self._scaling(rank, alpha, rslora)
+            if (rank, scale, seed) not in self._runs:
+                missing.setdefault((rank, seed), {})[scale] = None
+        for (rank, seed), scales in missing.items():
+            self._train(rank, seed, list(scales))
+        for key in keys:
+            if key not in self._cache:
+                rank, alpha, rslora, seed = key
+                history, sv = self._runs[rank, self._scaling(rank, alpha, rslora), seed]
+                self._cache[key] = ExplorerResult(
+                    rank=rank, alpha=alpha, rslora=rslora, seed=seed,
+                    steps=np.arange(self.steps + 1), history=history,
+                    final_loss=float(history[-1]), best_loss=self.best_loss(rank),
+                    learned_sv=sv,
+                )
+        return [self._cache[key] for key in keys]
+
+    def sweep(self, ranks: Sequence[int], alphas: Sequence[float], seeds: Sequence[int],
+              budgets: Sequence[int]) -> "RankAlphaSweep":
+        """The loss after each budget of steps, for every rank, alpha, rule and seed."""
+        ranks, alphas, seeds = list(ranks), list(alphas), _as_seeds(seeds)
+        budgets = list(budgets)
+        for budget in budgets:
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or not (
+                    0 < budget <= self.steps):
+                raise ValueError(f"budgets must be ints from 1 to steps={self.steps}, got {budget!r}")
+        loss = np.empty((len(SCALINGS), len(ranks), len(alphas), len(seeds), len(budgets)))
+        for i, rslora in enumerate(SCALINGS.values()):
+            for j, rank in enumerate(ranks):
+                results = self.run_many([(rank, alpha, rslora) for alpha in alphas], seeds)
+                for n, result in enumerate(results):
+                    loss[i, j, n // len(seeds), n % len(seeds)] = result.history[budgets]
+        return RankAlphaSweep(ranks=tuple(int(r) for r in ranks), alphas=tuple(float(a) for a in alphas),
+                              seeds=tuple(seeds), budgets=tuple(int(t) for t in budgets),
+                              loss=loss, settings=self.settings)
+
+    @property
+    def n_runs(self) -> int:
+        """How many distinct runs the lab has trained so far."""
+        return len(self._runs)
+
+    @property
+    def settings(self) -> dict:
+        """The training settings every run shares (what a sweep's file records)."""
+        return {"steps": self.steps, "lr": self.lr, "dropout": self.dropout, "init": self.init,
+                "init_scale": self.init_scale, "dtype": str(self.base.weight.dtype)}
+
+    def _layer(self, rank: int, alpha: float, rslora: bool, seed: int) -> LoRALinear:
+        """The fresh adapter of these settings, ``A`` drawn as the library draws it."""
+        return LoRALinear.from_linear(
+            copy.deepcopy(self.base), r=rank, alpha=alpha, dropout=self.dropout, init=self.init,
+            init_scale=self.init_scale, rslora=rslora, seed=seed)
+
+    def _scaling(self, rank: int, alpha: float, rslora: bool) -> float:
+        key = ("scaling", rank, alpha, rslora)
+        if key not in self._best:  # LoRALinear's own formula, to the last bit
+            self._best[key] = self._layer(rank, alpha, rslora, 0).scaling
+        return self._best[key]
+
+    def _train(self, rank: int, seed: int, scales: list[float]) -> None:
+        """Train one adapter per scale from the same initial ``A``, together."""
+        layer = self._layer(rank, 1.0, False, seed)
+        n = len(scales)
+        with one_thread():
+            a, b, _, history = fit_adapters_on_stats(
+                self.stats, layer.base.weight,
+                layer.lora_A.detach().expand(n, -1, -1), layer.lora_B.detach().expand(n, -1, -1),
+                layer.base.bias.detach().expand(n, -1),
+                torch.tensor(scales, dtype=layer.lora_A.dtype),
+                steps=self.steps, lr=self.lr, dropout=self.dropout)
+            sv = torch.linalg.svdvals(torch.tensor(scales, dtype=a.dtype)[:, None, None] * (b @ a))
+        for i, scale in enumerate(scales):
+            self._runs[rank, scale, seed] = (history[:, i].numpy().copy(), sv[i, :rank].numpy().copy())
+
+
+@dataclass(frozen=True)
+class RankAlphaSweep:
+    """The losses of a grid of runs: every rule, rank, alpha and seed, after each budget.
+
+    Attributes:
+        ranks, alphas, seeds: the grid.
+        budgets: the numbers of steps after which each run's loss was recorded.
+        loss: the training loss (MSE, evaluation mode), an array of shape
+            ``(2, len(ranks), len(alphas), len(seeds), len(budgets))``; the
+            first axis is the rule, ``α/r`` then ``α/√r``.
+        settings: the lab's training settings (:attr:`RankAlphaLab.settings`).
+    """
+
+    ranks: tuple[int, ...]
+    alphas: tuple[float, ...]
+    seeds: tuple[int, ...]
+    budgets: tuple[int, ...]
+    loss: np.ndarray
+    settings: dict
+
+    def table(self, rule: str, budget: int) -> np.ndarray:
+        """The losses of one rule after one budget: ``(len(ranks), len(alphas), len(seeds))``."""
+        if rule not in SCALINGS:
+            raise ValueError(f"rule must be one of {list(SCALINGS)}, got {rule!r}")
+        if budget not in self.budgets:
+            raise ValueError(f"budget must be one of {list(self.budgets)}, got {budget!r}")
+        return self.loss[list(SCALINGS).index(rule), :, :, :, self.budgets.index(budget)]
+
+    def max_difference(self, other: "RankAlphaSweep") -> np.ndarray:
+        """The largest absolute difference from ``other``, budget by budget.
+
+        ``other`` (typically a live re-run of part of the grid) must have the
+        same settings and budgets, and ranks, alphas and seeds that this sweep
+        holds; the comparison covers the runs ``other`` holds.
+
+        Returns:
+            One number per budget, shape ``(len(budgets),)``.
+        """
+        if (other.settings, other.budgets) != (self.settings, self.budgets):
+            raise ValueError("other must share this sweep's settings and budgets")
+        for name in ("ranks", "alphas", "seeds"):
+            if not set(getattr(other, name)) <= set(getattr(self, name)):
+                raise ValueError(f"other's {name} {getattr(other, name)} must be among this "
+                                 f"sweep's {getattr(self, name)}")
+        mine = self.loss[:, [self.ranks.index(r) for r in other.ranks]]
+        mine = mine[:, :, [self.alphas.index(a) for a in other.alphas]]
+        mine = mine[:, :, :, [self.seeds.index(s) for s in other.seeds]]
+        return np.abs(mine - other.loss).max(axis=(0, 1, 2, 3))
+
+    def to_json(self) -> str:
+        """The sweep as JSON (every loss with all its digits)."""
+        return json.dumps({"settings": self.settings, "ranks": self.ranks, "alphas": self.alphas,
+                           "seeds": self.seeds, "budgets": self.budgets, "rules": list(SCALINGS),
+                           "loss": self.loss.tolist()}, indent=1, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> "RankAlphaSweep":
+        """Read what :meth:`to_json` wrote."""
+        data = json.loads(text)
+        if data.get("rules") != list(SCALINGS):
+            raise ValueError(f"the sweep's rules must be {list(SCALINGS)}, got {data.get('rules')!r}")
+        sweep = cls(ranks=tuple(data["ranks"]), alphas=tuple(float(a) for a in data["alphas"]),
+                    seeds=tuple(data["seeds"]), budgets=tuple(data["budgets"]),
+                    loss=np.array(data["loss"], dtype=np.float64), settings=data["settings"])
+        shape = (len(SCALINGS), len(sweep.ranks), len(sweep.alphas), len(sweep.seeds), len(sweep.budgets))
+        if sweep.loss.shape != shape:
+            raise ValueError(f"the sweep's losses must have shape {shape}, got {sweep.loss.shape}")
+        return sweep
+
+
+def shipped_rank_alpha_sweep() -> RankAlphaSweep:
+    """The sweep chapter 4 reports: :data:`SWEEP_PATH`, written by ``tools/make_rank_alpha_sweep.py``."""
+    return RankAlphaSweep.from_json(SWEEP_PATH.read_text(encoding="utf-8"))
 
 
 class ExplorerFigure:
@@ -375,6 +655,8 @@ def static_rank_alpha_explorer(
     import ipywidgets as w
 
     lab = lab or RankAlphaLab.from_checkpoint()
+    lab.run_many([(rank, alpha, rslora) for rslora in SCALINGS.values()
+                  for rank in ranks for alpha in alphas])  # trained together, rank by rank
     drawing = ExplorerFigure(lab, dpi=dpi)
     fit = w.Layout(max_width="100%", height="auto")
     # Start at the source's rank 8 and alpha 16 when the grid has them.
