@@ -623,8 +623,9 @@ def dequantize_model(model: nn.Module) -> nn.Module:
 
     In place, including the bases of LoRALinear layers, which can then be
     merged (:func:`unload_lora`): merging into a dequantised copy, instead of
-    quantising the merged weight again. The weights come back in their
-    original dtype, ``(out, in)`` as an ``nn.Linear`` stores them (a layer
+    quantising the merged weight again. The weights come back in each layer's
+    ``weight_dtype`` (the quantised weight's dtype, or float64 after
+    ``model.double()``), ``(out, in)`` as an ``nn.Linear`` stores them (a layer
     quantised from a GPT-2 ``Conv1D`` comes back as an ``nn.Linear``, which
     computes the same). Returns ``model`` (an NF4Linear itself cannot
     replace itself: use its :meth:`~lora_tutorial.quant.NF4Linear.to_linear`).

@@ -413,7 +413,7 @@ class LoRALinear(_LoRABookkeeping):
         ``linear`` becomes ``base`` (kept, not copied, and frozen), so the
         result computes what ``linear`` did. The defaults are PEFT's. An
         :class:`~lora_tutorial.quant.NF4Linear` gives a QLoRA layer: the
-        factors take its original dtype, and it cannot be merged into.
+        factors take its ``weight_dtype``, and it cannot be merged into.
         """
         (in_features, out_features), _ = _features(linear)
         return cls(in_features, out_features, r, alpha, dropout,

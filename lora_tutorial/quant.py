@@ -512,8 +512,9 @@ class _DequantizedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                layer: "NF4Linear") -> torch.Tensor:
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: "NF4Linear"
+    ) -> torch.Tensor:
         ctx.layer = layer
         ctx.bias_shape = None if bias is None else bias.shape
         return F.linear(x, layer.dequantize_weight(x.dtype), bias)
@@ -524,7 +525,8 @@ class _DequantizedLinear(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad @ ctx.layer.dequantize_weight(grad.dtype)
         if ctx.needs_input_grad[1]:
-            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0).reshape(ctx.bias_shape)
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+            grad_bias = grad_bias.reshape(ctx.bias_shape)
         return grad_x, grad_bias, None
 
 
@@ -535,9 +537,13 @@ class NF4Linear(nn.Module):
     every call, in the input's dtype, exactly as bitsandbytes' ``Linear4bit``
     computes it on a CPU (dequantise, then ``F.linear``); the dequantised
     weight is not kept for the backward pass. The layer has no trainable
-    parameter: the codes and constants are buffers (``.to(dtype)`` and
-    ``.half()`` leave them as they are, moving only their device), the bias
-    (if any) is a parameter that starts frozen. Wrap it in
+    parameter: the codes and constants are buffers (``.to(dtype)``,
+    ``.half()`` and ``.double()`` leave them as they are, moving only their
+    device), the bias (if any) is a parameter that starts frozen. What
+    ``.to(dtype)`` changes is :attr:`weight_dtype`, the dtype the weight is
+    dequantised into, as it would change a float layer's weight: after
+    ``.double()`` the layer computes in float64 with the same stored values
+    (each float32 level-times-absmax product, cast exactly). Wrap it in
     :class:`~lora_tutorial.layers.LoRALinear` for QLoRA:
     ``LoRALinear.from_linear(NF4Linear.from_linear(linear))``.
 
@@ -557,6 +563,10 @@ class NF4Linear(nn.Module):
 
     absmax_scales: torch.Tensor | None
     absmax_offset: torch.Tensor | None
+    #: The dtype :meth:`dequantize_weight` returns by default (and LoRA's
+    #: factors take): the quantised weight's dtype, then whatever floating
+    #: dtype ``.to(dtype)``, ``.half()``, ``.double()`` ... give the layer.
+    weight_dtype: torch.dtype
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
                  double_quant: bool = True, blocksize: int = BLOCK_SIZE) -> None:
@@ -607,7 +617,11 @@ class NF4Linear(nn.Module):
                          self.absmax_scales, self.absmax_offset)
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The weight ``(out_features, in_features)``, in ``dtype`` (default: the original)."""
+        """The weight ``(out_features, in_features)``, in ``dtype`` (default: :attr:`weight_dtype`).
+
+        Computed in float32, then cast: in float64 the values are exactly the
+        float32 ones; bfloat16 and float16 round each once, to nearest.
+        """
         return self.quantized().dequantize(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -619,9 +633,14 @@ class NF4Linear(nn.Module):
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # .to(dtype), .half(), .bfloat16() must not round the stored constants: the
         # codes and constants follow the device only (the bias is cast as usual).
+        # What fn does to a float tensor of weight_dtype says the dtype the weight is
+        # now dequantised into (unchanged by a move to another device).
         stored = {name: self._buffers.pop(name) for name in _STORED}
         try:
             super()._apply(fn, recurse)
+            target = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+            if target.is_floating_point:
+                self.weight_dtype = target
         finally:
             for name, buffer in stored.items():
                 self._buffers[name] = (None if buffer is None
@@ -629,7 +648,7 @@ class NF4Linear(nn.Module):
         return self
 
     def to_linear(self) -> nn.Linear:
-        """A new ``nn.Linear`` holding the dequantised weight (original dtype) and the bias."""
+        """A new ``nn.Linear`` holding the dequantised weight (in :attr:`weight_dtype`) and the bias."""
         weight = self.dequantize_weight()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=weight.device, dtype=weight.dtype)

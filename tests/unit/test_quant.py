@@ -366,6 +366,30 @@ def test_nf4linear_memory_state_dict_and_copies():
         x.bfloat16(), fresh.dequantize_weight(torch.bfloat16), fresh.bias.bfloat16()))
 
 
+def test_nf4linear_in_float64_computes_with_the_same_stored_values():
+    # .double() changes the dtype the weight is dequantised into, not the codes or
+    # constants: the float64 weight is the float32 one, cast exactly. This is how the
+    # book trains QLoRA in float64 (its printed digits are then the same everywhere).
+    linear = lt.make_linear(128, 64, seed=0)
+    layer = lt.NF4Linear.from_linear(linear)
+    weight32 = layer.dequantize_weight()
+    stored = {k: v.clone() for k, v in layer.state_dict().items() if k != "bias"}
+    assert layer.double() is layer and layer.weight_dtype == torch.float64
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in stored.items())
+    assert layer.absmax.dtype == torch.uint8 and layer.absmax_scales.dtype == torch.float32
+    weight64 = layer.dequantize_weight()
+    assert weight64.dtype == torch.float64 and torch.equal(weight64, weight32.double())
+    x = torch.randn(4, 128, generator=gen(1), dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, nn.functional.linear(x, weight64, linear.bias.double()))
+    assert layer.to_linear().weight.dtype == torch.float64
+    layer.to("cpu")  # a move keeps the dtype
+    assert layer.weight_dtype == torch.float64
+    assert layer.float().weight_dtype == torch.float32
+    assert torch.equal(layer.dequantize_weight(), weight32)
+
+
 def test_nf4linear_refuses_what_cannot_work():
     with pytest.raises(ValueError, match=r"weight must be 2-D \(out_features, in_features\)"):
         lt.NF4Linear(torch.ones(4))
@@ -440,6 +464,25 @@ def test_quantize_model_then_add_lora_then_merge_into_a_dequantised_copy():
     added = (requantized(x) - adapted).abs().max()
     first = (lt.quantize_model(copy.deepcopy(original), ["up", "down"])(x) - original(x)).abs().max()
     assert 0.3 * first < added < 3 * first  # an error of the same size as quantising at all
+
+
+def test_qlora_in_float64_trains_and_merges_into_a_float64_copy():
+    model = lt.add_lora(lt.quantize_model(TwoLayers(), ["up", "down"]), "all-linear", r=4,
+                        seed=0).double()
+    assert model.up.lora_A.dtype == torch.float64 and model.up.base.weight_dtype == torch.float64
+    later = lt.add_lora(lt.quantize_model(TwoLayers(), ["up", "down"]).double(), "all-linear",
+                        r=4, seed=0)
+    assert later.up.lora_A.dtype == torch.float64  # adapters added after .double() too
+    x = torch.randn(8, 64, generator=gen(4), dtype=torch.float64)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (model(x) - 1).pow(2).mean().backward()
+        optimizer.step()
+    adapted = model(x)
+    merged = lt.unload_lora(lt.dequantize_model(copy.deepcopy(model)))
+    assert merged.up.weight.dtype == torch.float64
+    assert (merged(x) - adapted).abs().max() < 1e-12  # float64 rounding, not float32
 
 
 def test_quantize_model_refuses_and_changes_nothing():
