@@ -111,11 +111,13 @@ def finetune(
         model: a language model whose frozen parameters have
             ``requires_grad=False``.
         ids: token ids of shape ``(n,)``, ``n > length + 1``.
+        seed: an ``int`` or a ``torch.Generator`` the batches' offsets are drawn
+            from (the global RNG is not touched).
 
     Returns:
         The training loss of every step, before that step's update.
     """
-    steps, lr = _checked(ids, steps, lr, batch_size, length)
+    steps, lr = _checked(model, ids, steps, lr, batch_size, length)
     batches = as_generator(seed)  # the batches' own random stream
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr)
@@ -134,8 +136,12 @@ def finetune(
     return history
 
 
-def _checked(ids: object, steps: object, lr: object, batch_size: object,
+def _checked(model: object, ids: object, steps: object, lr: object, batch_size: object,
              length: object) -> tuple[int, float]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters: add adapters first (lt.add_lora)")
     steps = check_positive_int("steps", steps)
     lr = check_positive_finite("lr", lr)
     check_positive_int("batch_size", batch_size)

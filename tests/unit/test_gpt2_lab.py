@@ -1,5 +1,6 @@
 """Chapter 7's experiments: lora_tutorial.book.gpt2_lab and its results file."""
 
+import copy
 import random
 
 import pytest
@@ -68,6 +69,14 @@ def test_finetune_names_a_bad_argument(lab, kwargs, name):
     args = {"ids": lab.new.train, "steps": 1, "lr": 1e-3, **kwargs}
     with pytest.raises(ValueError, match=name):
         gpt2_lab.finetune(model, args.pop("ids"), **args)
+
+
+def test_finetune_needs_a_model_with_adapters(lab):
+    with pytest.raises(TypeError, match="model"):
+        gpt2_lab.finetune("gpt2", lab.new.train, steps=1, lr=1e-3)
+    frozen = copy.deepcopy(lab.pretrained).requires_grad_(False)
+    with pytest.raises(ValueError, match="trainable"):
+        gpt2_lab.finetune(frozen, lab.new.train, steps=1, lr=1e-3)
 
 
 def test_repeated_word_pairs_counts_pairs_seen_before():
