@@ -1,0 +1,31 @@
+"""Rewrite chapter 7's sweep results, lora_tutorial/book/data/gpt2_sweeps.json.
+
+Chapter 7 compares four placements of one budget of LoRA parameters on the small
+GPT-2 over five seeds, each at four learning rates (80 fine-tuning runs of 150
+steps), and measures what the sampling temperature does to the fine-tuned model's
+text (48 samples). That is minutes of CPU time, too long for a chapter, so this
+script runs it once (`lora_tutorial.book.gpt2_lab.make_sweeps`, in float64) and
+the chapter prints from the file. The chapter re-runs a randomly picked part live
+and asserts that it agrees, and `tests/unit/test_gpt2_lab.py` checks that the
+file still matches its recipe and re-runs one entry. Run this script after
+changing the model, the corpora, the recipe or `gpt2_lab`.
+
+Usage: python tools/make_gpt2_sweeps.py   (about 15 minutes on one CPU thread)
+"""
+
+import json
+import time
+
+import torch
+
+from lora_tutorial.book import gpt2_lab
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)  # a tiny model: one thread is as fast, and leaves the others
+    start = time.perf_counter()
+    results = gpt2_lab.make_sweeps(gpt2_lab.GPT2Lab.load(), progress=print)
+    path = gpt2_lab.SWEEPS_PATH
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {path.name} ({path.stat().st_size / 1024:.0f} KiB) "
+          f"in {time.perf_counter() - start:.0f} s")
