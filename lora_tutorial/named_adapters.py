@@ -430,11 +430,12 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
     _refuse_merged(layers, "run a mixed batch")
     used = [n for n in known if n in chosen]
     index = torch.tensor([0 if n == BASE else 1 + used.index(n) for n in chosen])
+    stacks: dict[int, tuple[tuple[int, ...], torch.Tensor, torch.Tensor]] = {}
 
     def check(layer: nn.Module, args: tuple) -> None:
         x = args[0]
-        trainable = any(p.requires_grad for p in layer.parameters())
-        if layer.training and torch.is_grad_enabled() and trainable:
+        if layer.training and torch.is_grad_enabled() and any(
+                p.requires_grad for p in layer.parameters()):
             raise RuntimeError(
                 "refusing to train in a mixed batch: a mixed batch is for inference. Call "
                 "model.eval() or use torch.no_grad(), or train one adapter at a time "
@@ -445,14 +446,27 @@ def mixed_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.M
                 f"a mixed batch of {len(chosen)} examples (len(adapter_names)) needs inputs "
                 f"with {len(chosen)} rows along the first dimension, got {shape}")
 
+    def gathered(layer: LoRALinear, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # The stacked factors; without gradients, kept until a factor changes (its version).
+        idx = index.to(device)
+        if torch.is_grad_enabled():
+            a_all, b_all = _padded(used, layer)
+            return a_all[idx].transpose(1, 2), b_all[idx].transpose(1, 2)
+        versions = (torch.is_inference_mode_enabled(),) + tuple(
+            t._version for n in used for t in _factors(layer, n)[:2])
+        cached = stacks.get(id(layer))
+        if cached is None or cached[0] != versions:
+            a_all, b_all = _padded(used, layer)
+            cached = stacks[id(layer)] = (versions, a_all[idx].transpose(1, 2),
+                                          b_all[idx].transpose(1, 2))
+        return cached[1], cached[2]
+
     def add_updates(layer: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
         x = args[0]
-        a_all, b_all = _padded(used, layer)
-        idx = index.to(x.device)
-        flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        ax = torch.bmm(flat, a_all[idx].transpose(1, 2))  # (n, L, r_max)
-        update = torch.bmm(ax, b_all[idx].transpose(1, 2))  # (n, L, out)
-        return out + update.reshape(out.shape).to(out.dtype)
+        a_e, b_e = gathered(layer, x.device)  # (n, in, r_max), (n, r_max, out)
+        ax = torch.bmm(x.reshape(x.shape[0], -1, x.shape[-1]), a_e.to(x.dtype))
+        flat = out.reshape(ax.shape[0], ax.shape[1], -1)
+        return torch.baddbmm(flat, ax, b_e.to(x.dtype)).reshape(out.shape)
 
     with contextlib.ExitStack() as stack:
         for _, layer in layers:

@@ -274,3 +274,20 @@ def test_a_single_default_adapter_is_unchanged(base, tmp_path):
     lt.save_adapter(model, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json",
                                                          "adapter_model.safetensors"]
+
+
+def test_a_mixed_batch_sees_factors_changed_inside_it_and_passes_gradients(saved):
+    _, singles, many, _ = saved
+    model = copy.deepcopy(many)
+    names = ["b", "a", "b", "__base__"]
+    x = ids()
+    with lt.mixed_batch(model, names):
+        first = logits(model, x)
+        with torch.no_grad():  # a factor changed in place: the gathered copies follow
+            model.transformer.h[0].attn.c_attn.lora_parked["b"].lora_B.mul_(2.0)
+        second = logits(model, x)
+        out = model(x).logits  # eval mode, gradients on: they reach the factors
+    assert torch.equal(first[1], second[1]) and not torch.equal(first[0], second[0])
+    out[1].sum().backward()
+    layer = model.transformer.h[0].attn.c_attn
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().max() > 0
