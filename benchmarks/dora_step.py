@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +30,7 @@ from torch import nn
 
 import _report
 import lora_tutorial as lt
+from lora_tutorial import book  # noqa: F401  (quiets bitsandbytes' hub message)
 
 R = 8
 
@@ -68,19 +66,7 @@ def measure(setting, rounds: int, iters: int) -> dict[str, float]:
             optimizer.step()
 
         steps[kind] = step
-    order = list(steps)
-    rng = random.Random(0)
-    samples: dict[str, list[float]] = {kind: [] for kind in order}
-    for kind in order:  # warm-up
-        steps[kind]()
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for kind in order:
-            start = time.perf_counter()
-            for _ in range(iters):
-                steps[kind]()
-            samples[kind].append((time.perf_counter() - start) / iters)
-    return {kind: statistics.median(values) for kind, values in samples.items()}
+    return _report.interleaved(steps, rounds, iters)
 
 
 def main(argv: list[str] | None = None) -> int:

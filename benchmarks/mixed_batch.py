@@ -27,16 +27,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import random
-import statistics
 import sys
-import time
 import warnings
 
 import torch
 
 import _report
 import lora_tutorial as lt
+from lora_tutorial import book  # noqa: F401  (quiets bitsandbytes' hub message)
 from lora_tutorial import charlm
 
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -109,20 +107,8 @@ def measure(rounds: int, iters: int) -> dict[str, float]:
         ref = jobs["adapter by adapter"]()
         for name in ("mixed batch", "PEFT mixed batch"):
             assert torch.allclose(jobs[name](), ref, atol=1e-4), name
-    order = list(jobs)
-    rng = random.Random(0)
-    samples: dict[str, list[float]] = {name: [] for name in order}
     with torch.inference_mode():
-        for name in order:  # warm-up
-            jobs[name]()
-        for _ in range(rounds):
-            rng.shuffle(order)
-            for name in order:
-                start = time.perf_counter()
-                for _ in range(iters):
-                    jobs[name]()
-                samples[name].append((time.perf_counter() - start) / iters)
-    return {name: statistics.median(values) for name, values in samples.items()}
+        return _report.interleaved(jobs, rounds, iters)
 
 
 def main(argv: list[str] | None = None) -> int:

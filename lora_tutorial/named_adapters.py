@@ -299,7 +299,11 @@ def _combined(layer: LoRALinear, names: list[str], weights: list[float], how: st
         return a, b
     delta = sum(w * ((b @ a) * s) for (a, b, s), w in zip(parts, weights))
     u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)
-    return vh[:rank].clone(), (u[:, :rank] @ torch.diag(sigma[:rank]))
+    a, b = vh[:rank], u[:, :rank] @ torch.diag(sigma[:rank])
+    if rank > a.shape[0]:  # beyond min(in, out) the SVD is exact: pad with zeros
+        a = torch.cat([a, a.new_zeros(rank - a.shape[0], a.shape[1])])
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - b.shape[1])], dim=1)
+    return a.clone(), b.contiguous()
 
 
 def combine_adapters(
@@ -319,7 +323,9 @@ def combine_adapters(
       ``sum_i r_i``: ``B = [B_1 ... B_k]``, ``A = [w_1 s_1 A_1; ...]``;
     * ``"svd"``: that sum re-compressed to rank ``svd_rank`` (default: the
       largest rank combined) by a truncated SVD, ``B = U_k S_k``, ``A = V_k^T``,
-      the best rank-``svd_rank`` approximation (Eckart-Young);
+      the best rank-``svd_rank`` approximation (Eckart-Young); in a layer
+      where ``svd_rank`` exceeds ``min(in, out)`` the SVD is exact and the
+      factors are padded with zeros (PEFT would build factors that do not fit);
     * ``"linear"``: PEFT's weighted sum of the factors themselves
       (``A = sum_i sqrt(w_i s_i) A_i``, likewise ``B``), for adapters of
       equal rank; its update has cross terms ``B_i A_j`` and is not the
@@ -349,10 +355,11 @@ def combine_adapters(
     rank = {"cat": sum(ranks), "linear": ranks[0]}.get(how)
     if how == "svd":
         rank = max(ranks) if svd_rank is None else check_positive_int("svd_rank", svd_rank)
-        smallest = min(min(layer.in_features, layer.out_features) for _, layer in layers)
-        if rank > smallest:
-            raise ValueError(f"svd_rank must be at most {smallest} (the smallest layer's "
-                             f"min(in, out)), got {rank}")
+        largest = max(min(layer.in_features, layer.out_features) for _, layer in layers)
+        if rank > largest:
+            raise ValueError(f"svd_rank must be at most {largest} (the largest min(in, out) "
+                             f"of the adapted layers: beyond it nothing is left to keep), "
+                             f"got {rank}")
     if isinstance(layers[0][1], DoRALinear):
         raise ValueError("combine_adapters refuses DoRA adapters: their magnitude vectors "
                          "do not combine as updates do (use LoRA adapters)")

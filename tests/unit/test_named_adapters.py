@@ -291,3 +291,26 @@ def test_a_mixed_batch_sees_factors_changed_inside_it_and_passes_gradients(saved
     out[1].sum().backward()
     layer = model.transformer.h[0].attn.c_attn
     assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().max() > 0
+
+
+def test_svd_beyond_a_layer_s_rank_is_exact_and_padded_with_zeros():
+    model = torch.nn.Sequential(lt.make_linear(8, 8, seed=0),
+                                lt.make_linear(8, 3, seed=1)).double()
+    for seed, name in enumerate(("a", "b")):
+        lt.add_lora(model, ["0", "1"], r=3, adapter_name=name, seed=seed)
+        lt.set_adapter(model, name)
+        with torch.no_grad():
+            for _, layer in lt.lora_layers(model):
+                layer.lora_B.normal_(generator=gen(seed))
+    lt.combine_adapters(model, ["a", "b"], [1.0, -0.5], "cat", "cat")
+    lt.combine_adapters(model, ["a", "b"], [1.0, -0.5], "svd", "svd", svd_rank=6)
+    head = model[1]
+    assert head.lora_parked["svd"].lora_A.shape == (6, 8)  # min(8, 3) = 3 < 6
+    assert torch.equal(head.lora_parked["svd"].lora_A[3:], torch.zeros(3, 8))
+    x = torch.randn(4, 8, generator=gen(2), dtype=torch.float64)
+    lt.set_adapter(model, "cat")
+    exact = model(x)
+    lt.set_adapter(model, "svd")
+    torch.testing.assert_close(model(x), exact, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="svd_rank must be at most 8"):
+        lt.combine_adapters(model, ["a", "b"], [1.0, 1.0], "big", "svd", svd_rank=9)
