@@ -613,6 +613,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     and each module trained whole replaced by its original: the base model
     comes back. (PEFT's ``unload`` keeps the trained copies instead; here
     ``merge=False`` means the model without its adapter, copies included.)
+    With several named adapters, ``merge=True`` merges the active one, as
+    PEFT's ``merge_and_unload`` does, and the others are dropped.
     Returns ``model`` (a bare ``LoRALinear`` cannot replace itself: unload
     its parent).
     """

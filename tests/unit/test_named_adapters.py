@@ -314,3 +314,13 @@ def test_svd_beyond_a_layer_s_rank_is_exact_and_padded_with_zeros():
     torch.testing.assert_close(model(x), exact, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="svd_rank must be at most 8"):
         lt.combine_adapters(model, ["a", "b"], [1.0, 1.0], "big", "svd", svd_rank=9)
+
+
+def test_unloading_several_adapters_merges_the_active_one(saved):
+    _, singles, many, _ = saved
+    model = copy.deepcopy(many)
+    lt.set_adapter(model, "c")
+    plain = lt.unload_lora(model, merge=True)
+    assert not list(lt.lora_layers(plain))
+    torch.testing.assert_close(logits(plain, ids()), logits(singles["c"], ids()),
+                               rtol=0, atol=1e-12)
