@@ -73,12 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine, two threads measure "
+                             "the other processes' load as much as this code)")
     parser.add_argument("--markdown", help="also write the results as a Markdown table to this file")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     load = os.getloadavg()[0]
     header = (f"r = {R}; {args.rounds} rounds of {args.iters} steps per contender, "
-              f"interleaved; medians; load average {load:.1f} when started")
+              f"interleaved; medians; {args.threads} thread(s); load average {load:.1f} when started")
     print(f"{_report.machine()}; {header}")
     lines = ["| setting | LoRA step | DoRA step | DoRA / LoRA |", "| --- | ---: | ---: | ---: |"]
     for label, setting in (("digits MLP, every layer, float64 (chapter 9)", digits_setting),

@@ -115,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared machine, two threads measure "
+                             "the other processes' load as much as this code)")
     parser.add_argument("--markdown", help="also write the results as a Markdown table to this file")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     import peft
 
@@ -124,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"peft {peft.__version__}; chapter 7's character GPT-2, {len(NAMES)} adapters "
               f"of rank {R} on every linear layer, a batch of {BATCH} × {LENGTH} characters; "
               f"{args.rounds} rounds of {args.iters} iterations per contender, interleaved; "
-              f"medians; load average {load:.1f} when started")
+              f"medians; {args.threads} thread(s); load average {load:.1f} when started")
     print(f"{_report.machine()}; {header}")
     t = measure(args.rounds, args.iters)
     base = t["one adapter"]

@@ -51,8 +51,9 @@ __all__ = ["DoRALinear"]
 class DoRALinear(LoRALinear):
     """A LoRA layer with DoRA's magnitude vector: ``W' = m (W0 + sBA) / ||W0 + sBA||``.
 
-    Takes :class:`~lora_tutorial.layers.LoRALinear`'s arguments (and
-    :meth:`from_linear`). ``lora_magnitude_vector`` ``(out_features,)`` starts
+    Takes :class:`~lora_tutorial.layers.LoRALinear`'s arguments (and its
+    :meth:`~lora_tutorial.layers.LoRALinear.from_linear`). ``lora_magnitude_vector``
+    ``(out_features,)`` starts
     at the row norms of ``W0`` and trains with ``lora_A`` and ``lora_B``.
     """
 
