@@ -223,3 +223,12 @@ def test_dora_on_an_nf4_base_is_dora_on_its_dequantised_weight_and_refuses_to_me
     with pytest.raises(TypeError, match="cannot merge into the NF4Linear base"):
         q.merge_weights_()
     assert not q.merged
+
+
+def test_dora_layers_and_their_merges_leave_the_global_rng_alone(global_rng_untouched):
+    model = lt.add_lora(base_model("linear"), ["up", "down"], r=2, dropout=0.0,
+                        use_dora=True, seed=4)
+    for _, layer in lt.lora_layers(model):
+        layer.reset_lora_parameters(seed=1)
+        layer.merge_weights_()
+        layer.unmerge_weights_()

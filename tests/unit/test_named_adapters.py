@@ -92,7 +92,8 @@ def test_switching_gives_each_one_adapter_model_bit_for_bit_and_peft_s_outputs(s
         assert torch.equal(logits(many, x), logits(base, x))
 
 
-def test_a_mixed_batch_equals_peft_s_and_each_example_s_own_model(saved, base):
+def test_a_mixed_batch_equals_peft_s_and_each_example_s_own_model(saved, base,
+                                                                  global_rng_untouched):
     _, singles, many, peft = saved
     names = ["a", "b", "__base__", "c", "b", "a"]
     x = ids(len(names))
@@ -293,7 +294,7 @@ def test_a_mixed_batch_sees_factors_changed_inside_it_and_passes_gradients(saved
     assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().max() > 0
 
 
-def test_svd_beyond_a_layer_s_rank_is_exact_and_padded_with_zeros():
+def test_svd_beyond_a_layer_s_rank_is_exact_and_padded_with_zeros(global_rng_untouched):
     model = torch.nn.Sequential(lt.make_linear(8, 8, seed=0),
                                 lt.make_linear(8, 3, seed=1)).double()
     for seed, name in enumerate(("a", "b")):
