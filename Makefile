@@ -52,6 +52,8 @@ benchmark: $(VENV)/.installed
 	$(BIN)/python benchmarks/lora_vs_peft.py --markdown benchmarks/results/lora_vs_peft.md
 	$(BIN)/python benchmarks/explorer_latency.py --markdown benchmarks/results/explorer_latency.md
 	$(BIN)/python benchmarks/frozen_features_speed.py --markdown benchmarks/results/frozen_features_speed.md
+	$(BIN)/python benchmarks/mixed_batch.py --markdown benchmarks/results/mixed_batch.md
+	$(BIN)/python benchmarks/dora_step.py --markdown benchmarks/results/dora_step.md
 	$(BIN)/python benchmarks/suite_time.py --markdown benchmarks/results/suite_time.md
 
 portability: $(VENV)/.installed

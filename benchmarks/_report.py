@@ -5,8 +5,12 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import random
+import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,3 +33,25 @@ def write(path: str | None, script: str, table: str, note: str = "") -> None:
             f"{' ' + note if note else ''}\n\n{table}\n")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
+
+
+def interleaved(jobs: dict[str, Callable[[], object]], rounds: int, iters: int) -> dict[str, float]:
+    """The median over ``rounds`` of each job's time per call, the jobs interleaved.
+
+    Every job runs once to warm up; then in each round every job runs ``iters``
+    times, in an order shuffled afresh (seeded), so slow drifts of the machine
+    hit all of them alike.
+    """
+    order = list(jobs)
+    rng = random.Random(0)
+    samples: dict[str, list[float]] = {name: [] for name in order}
+    for name in order:
+        jobs[name]()
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            for _ in range(iters):
+                jobs[name]()
+            samples[name].append((time.perf_counter() - start) / iters)
+    return {name: statistics.median(values) for name, values in samples.items()}

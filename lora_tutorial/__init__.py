@@ -18,6 +18,9 @@ One concept per module, all re-exported here:
 * :mod:`~lora_tutorial.quant`: 4-bit NormalFloat (NF4), double quantisation, :class:`NF4Linear`.
 * :mod:`~lora_tutorial.module_to_save`: :class:`ModuleToSave`, a module trained whole
   beside the adapter (PEFT's ``modules_to_save``).
+* :mod:`~lora_tutorial.dora`: :class:`DoRALinear`, DoRA's magnitude and direction.
+* :mod:`~lora_tutorial.named_adapters`: many adapters on one model: switching, combining,
+  merging one, mixed batches.
 * :mod:`~lora_tutorial.adapter_io`: adapters on disk in PEFT's format.
 * :mod:`~lora_tutorial.analysis`: measurements on layers and updates.
 * :mod:`~lora_tutorial.device`: :func:`default_device`.
@@ -37,6 +40,7 @@ from .data import (
     synth_data,
 )
 from .device import default_device
+from .dora import DoRALinear
 from .digits import DigitsMLP, load_digit_tasks, pretrain_digits, pretrained_digits_mlp
 from .efficiency import activation_bytes, format_bytes, optimizer_state_bytes
 from .frozen_features import (
@@ -60,6 +64,16 @@ from .inject import (
 from .layers import INIT_MODES, LoRALayer, LoRALinear, make_linear, mirror_init_
 from .models import TinyAdapter
 from .module_to_save import ModuleToSave
+from .named_adapters import (
+    active_adapter,
+    adapter_names,
+    combine_adapters,
+    delete_adapter,
+    merge_adapter,
+    mixed_batch,
+    set_adapter,
+    unmerge_adapter,
+)
 from .params import BIAS_MODES, ParamCount, count_parameters, mark_only_lora_as_trainable
 from .pretraining import pretrain, pretrained_tiny_adapter, source_setup
 from .quant import (
@@ -82,20 +96,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "activation_bytes",
+    "active_adapter",
     "AdaptationTask",
+    "adapter_names",
     "AdapterFormatError",
     "add_lora",
     "base_modules",
     "best_low_rank_update",
     "BIAS_MODES",
     "bits_per_parameter",
+    "combine_adapters",
     "count_parameters",
     "create_toy_dataset",
     "default_device",
+    "delete_adapter",
     "dequantize_blocks",
     "dequantize_model",
-    "disable_adapter",
     "DigitsMLP",
+    "disable_adapter",
+    "DoRALinear",
     "dynamic_map",
     "evaluate",
     "fake_quantize",
@@ -118,7 +137,9 @@ __all__ = [
     "make_linear",
     "make_task_matrices",
     "mark_only_lora_as_trainable",
+    "merge_adapter",
     "mirror_init_",
+    "mixed_batch",
     "ModuleToSave",
     "nf4_levels",
     "NF4Linear",
@@ -138,6 +159,7 @@ __all__ = [
     "relative_update_norm",
     "save_adapter",
     "saved_modules",
+    "set_adapter",
     "singular_values",
     "source_setup",
     "synth_data",
@@ -145,4 +167,5 @@ __all__ = [
     "train",
     "train_together",
     "unload_lora",
+    "unmerge_adapter",
 ]

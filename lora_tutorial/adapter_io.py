@@ -5,14 +5,15 @@
 
 * ``adapter_model.safetensors``: for each ``LoRALinear`` at module path ``P``,
   ``base_model.model.P.lora_A.weight`` ``(r, in)`` and
-  ``base_model.model.P.lora_B.weight`` ``(out, r)``; with ``bias="lora_only"``
+  ``base_model.model.P.lora_B.weight`` ``(out, r)`` (and for DoRA
+  ``base_model.model.P.lora_magnitude_vector`` ``(out,)``); with ``bias="lora_only"``
   also ``base_model.model.P.base_layer.bias``; with ``bias="all"`` every bias
   of the model by PEFT's name for it (``base_model.model.B``, and for a module
   trained whole also ``...original_module.bias`` and ``...modules_to_save.bias``,
   as PEFT writes them); for each module ``M`` trained whole
   (``modules_to_save``), its trained copy's state as ``base_model.model.M.<name>``;
 * ``adapter_config.json``: ``peft_type: "LORA"``, ``r`` (the factors' rank),
-  ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``target_modules``,
+  ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``use_dora``, ``target_modules``,
   ``bias``, ``modules_to_save`` and the other keys PEFT reads.
   ``target_modules`` selects in PEFT exactly the adapted modules: the list of
   their names when PEFT's suffix rule selects just those, otherwise a regular
@@ -30,16 +31,24 @@ refused otherwise, since the adapter was then made for another base model.
 After a load the model is what the file describes: its modules trained whole
 are the file's ``modules_to_save`` (wrapped or unwrapped to match), and what
 trains is exactly the adapter the file holds.
+
+A model with several named adapters (:mod:`~lora_tutorial.named_adapters`)
+is saved in PEFT's layout: the adapter named ``"default"`` in the directory
+itself, every other one in a subdirectory of its name, each with its own two
+files (what ``save_pretrained`` writes); ``save_adapter(..., adapter_name=)``
+writes one of them, and ``load_adapter(..., adapter_name=)`` reads one
+adapter's directory into the adapter of that name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import numbers
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -60,6 +69,7 @@ from .inject import (
     recorded_bias,
     saved_modules,
 )
+from .dora import DoRALinear
 from .layers import LoRALinear
 from .module_to_save import ModuleToSave
 from .params import BIAS_MODES, mark_only_lora_as_trainable
@@ -80,7 +90,7 @@ _DESCRIPTIVE = {
 }
 # Settings this library honours (see load_adapter).
 _HONOURED = {"peft_type", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias",
-             "init_lora_weights", "fan_in_fan_out", "modules_to_save"}
+             "init_lora_weights", "fan_in_fan_out", "modules_to_save", "use_dora"}
 # Initialisations that leave the base weights alone and need nothing at load time, so an
 # adapter trained from them loads onto the untouched base model (PiSSA, OLoRA, CorDA,
 # LoftQ, LoRA-GA... rewrite the base). True is PEFT's Kaiming-uniform default.
@@ -164,6 +174,12 @@ def _saved_names(model: nn.Module, wrappers: dict[str, ModuleToSave]) -> list[st
 def _config_for(model: nn.Module, layers: list[tuple[str, LoRALinear]], bias: str,
                 saved_names: list[str] | None) -> dict[str, Any]:
     first_name, first = layers[0]
+    dora = [name for name, layer in layers if isinstance(layer, DoRALinear)]
+    if dora and len(dora) != len(layers):
+        plain = next(name for name, _ in layers if name not in dora)
+        raise ValueError(
+            f"save_adapter writes one config for all layers, but {dora[0]!r} is DoRA and "
+            f"{plain!r} is not (PEFT's use_dora is one setting)")
     for name, layer in layers[1:]:
         if _settings(layer) != _settings(first):
             raise ValueError(
@@ -187,7 +203,7 @@ def _config_for(model: nn.Module, layers: list[tuple[str, LoRALinear]], bias: st
         "init_lora_weights": init,
         # PEFT sets it when it adapts a Conv1D (GPT-2); the tensors are the same either way.
         "fan_in_fan_out": any(_is_conv1d(layer) for _, layer in layers),
-        "use_dora": False,
+        "use_dora": bool(dora),
         "lora_bias": False,
         "modules_to_save": saved_names,
         "rank_pattern": {},
@@ -223,6 +239,8 @@ def _peft_state(model: nn.Module, wrappers: dict[str, ModuleToSave]) -> dict[str
                 out[_join(prefix, f"base_layer.{key}")] = t
             out[_join(prefix, "lora_A.weight")] = module.lora_A
             out[_join(prefix, "lora_B.weight")] = module.lora_B
+            if isinstance(module, DoRALinear):
+                out[_join(prefix, "lora_magnitude_vector")] = module.lora_magnitude_vector
             return
         for key, t in module._parameters.items():
             if t is not None:
@@ -249,8 +267,10 @@ def _adapter_tensors(state: dict[str, torch.Tensor], layers: list[tuple[str, LoR
     """
     inner = tuple(f"{w}.{part}." for w in wrappers for part in ("original_module", "modules_to_save"))
     out: dict[str, torch.Tensor] = {}
-    for name, _ in layers:
-        for key in ("lora_A.weight", "lora_B.weight"):
+    for name, layer in layers:
+        keys = ("lora_A.weight", "lora_B.weight") + (
+            ("lora_magnitude_vector",) if isinstance(layer, DoRALinear) else ())
+        for key in keys:
             out[PREFIX + _join(name, key)] = state[_join(name, key)]
     if bias == "lora_only":
         for name, _ in layers:
@@ -266,7 +286,30 @@ def _adapter_tensors(state: dict[str, torch.Tensor], layers: list[tuple[str, LoR
     return out
 
 
-def save_adapter(model: nn.Module, directory: str | Path, bias: str | None = None) -> Path:
+@contextlib.contextmanager
+def _using(model: nn.Module, name: str | None, action: str) -> Iterator[str]:
+    """Within this context adapter ``name`` (default: the active one) is in every layer's slots."""
+    from .named_adapters import _check_known, _layers
+
+    layers = _layers(model)
+    previous = layers[0][1].adapter_name
+    name = previous if name is None else _check_known(model, name)
+    merged = [path for path, layer in layers if layer.merged]
+    if merged and name != previous:
+        raise RuntimeError(
+            f"cannot {action} adapter {name!r} while adapter {previous!r} is merged into "
+            f"{merged[:3]}: unmerge_adapter(model) first; nothing was changed")
+    for _, layer in layers:
+        layer._switch_to(name)
+    try:
+        yield name
+    finally:
+        for _, layer in layers:
+            layer._switch_to(previous)
+
+
+def save_adapter(model: nn.Module, directory: str | Path, bias: str | None = None, *,
+                 adapter_name: str | None = None) -> Path:
     """Write ``model``'s LoRA adapters to ``directory`` in PEFT's format; returns the directory.
 
     Args:
@@ -282,11 +325,18 @@ def save_adapter(model: nn.Module, directory: str | Path, bias: str | None = Non
             Modules trained whole (``add_lora``'s ``modules_to_save``) are saved too.
             Merged layers are saved with their adapters (the merge is not part of the file).
 
+        adapter_name: with several named adapters, write only this one (at its
+            place in PEFT's layout: ``directory`` for ``"default"``, else
+            ``directory/<adapter_name>``); by default every adapter is written.
+
     The config's ``r`` is the factors' rank, and factors whose shapes do not
     fit together are refused (:class:`ValueError`), so the file never
     contradicts itself; so is a model PEFT could not be told to select exactly.
+    Every adapter's files are made before any is written.
     """
     from safetensors.torch import save_file
+
+    from .named_adapters import _check_known
 
     _check_model(model)
     layers = list(lora_layers(model))
@@ -298,17 +348,25 @@ def save_adapter(model: nn.Module, directory: str | Path, bias: str | None = Non
     if bias is None:
         bias = recorded_bias(model) or "none"
     bias = check_choice("bias", bias, BIAS_MODES)
-    _check_factors(layers)
-    wrappers = dict(saved_modules(model))
-    config = _config_for(model, layers, bias, _saved_names(model, wrappers))
-    state = _peft_state(model, wrappers)
-    tensors = {key: t.detach().to("cpu", copy=True).contiguous()
-               for key, t in _adapter_tensors(state, layers, bias, wrappers, True).items()}
+    names = ([_check_known(model, adapter_name)] if adapter_name is not None
+             else list(layers[0][1].adapter_names()))
+    files = {}
+    for name in names:
+        with _using(model, name, "save"):
+            _check_factors(layers)
+            wrappers = dict(saved_modules(model))
+            config = _config_for(model, layers, bias, _saved_names(model, wrappers))
+            state = _peft_state(model, wrappers)
+            tensors = {key: t.detach().to("cpu", copy=True).contiguous()
+                       for key, t in _adapter_tensors(state, layers, bias, wrappers, True).items()}
+        files[name] = config, tensors
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
-    (directory / ADAPTER_CONFIG).write_text(text + "\n")
+    for name, (config, tensors) in files.items():
+        target = directory if name == "default" else directory / name
+        target.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(target / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        text = json.dumps(config, indent=2, sort_keys=True, allow_nan=False)
+        (target / ADAPTER_CONFIG).write_text(text + "\n")
     return directory
 
 
@@ -361,7 +419,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
             continue
         raise AdapterFormatError(
             f"{key}={value!r} is a feature this library cannot honour (it supports "
-            "plain LoRA: no DoRA, LoRA bias, pattern ranks or similar)"
+            "LoRA and DoRA: no LoRA bias, pattern ranks or similar)"
         )
     for key in ("r", "lora_alpha"):
         if key not in config:
@@ -389,6 +447,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
             f"got {names!r}")
     return {"r": r, "alpha": alpha, "dropout": dropout, "bias": bias,
             "rslora": _boolean(config, "use_rslora"),
+            "use_dora": _boolean(config, "use_dora"),
             "fan_in_fan_out": _boolean(config, "fan_in_fan_out"),
             "modules_to_save": names or None}
 
@@ -485,7 +544,8 @@ def _unexpected(model: nn.Module, key: str, lora_names: list[str]) -> AdapterFor
         f"({module!r}){why}; its LoRA layers are {lora_names}")
 
 
-def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
+def load_adapter(model: nn.Module, directory: str | Path, *,
+                 adapter_name: str | None = None) -> nn.Module:
     """Load an adapter directory in PEFT's format into ``model``'s ``LoRALinear`` layers.
 
     Every layer receives ``lora_A``, ``lora_B`` (and biases, by the config's
@@ -501,6 +561,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     :func:`~lora_tutorial.params.mark_only_lora_as_trainable`), and the bias
     mode and ``modules_to_save`` are recorded on the model, so saving it again
     writes the same kind of adapter. Nothing is changed unless everything fits.
+
+    ``adapter_name`` (default: the active adapter) is the model's adapter
+    that receives the file, one adapter's directory (PEFT's ``dir/<name>`` for
+    a non-default adapter); it must exist already
+    (``add_lora(..., adapter_name=)``), as every layer must. A DoRA file
+    (``use_dora``) loads into DoRA layers only, a LoRA file into LoRA layers.
 
     Returns:
         ``model``.
@@ -527,6 +593,29 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     layers = list(lora_layers(model))
     if not layers:
         raise AdapterFormatError("model has no LoRALinear layers to load an adapter into")
+    with _using(model, adapter_name, "load into") as name:
+        _load(model, directory, settings, loaded, layers, name)
+    mark_only_lora_as_trainable(model, bias=settings["bias"])
+    return model
+
+
+def _load(model: nn.Module, directory: Path, settings: dict[str, Any],
+          loaded: dict[str, torch.Tensor], layers: list[tuple[str, LoRALinear]],
+          adapter_name: str) -> None:
+    """load_adapter with ``adapter_name`` in the layers' slots."""
+    several = len(layers[0][1].adapter_names()) > 1
+    if several and (settings["bias"] != "none" or settings["modules_to_save"]):
+        raise AdapterFormatError(
+            f"{ADAPTER_CONFIG}: bias={settings['bias']!r} and modules_to_save="
+            f"{settings['modules_to_save']} cannot be loaded into a model with several adapters "
+            f"{list(layers[0][1].adapter_names())} (one trained copy or bias for all of them)")
+    kinds = {isinstance(layer, DoRALinear) for _, layer in layers}
+    if kinds != {settings["use_dora"]}:
+        raise AdapterFormatError(
+            f"{ADAPTER_CONFIG}: use_dora={str(settings['use_dora']).lower()}, but the model's "
+            f"adapter {adapter_name!r} is {'DoRA' if True in kinds else 'LoRA'}"
+            f"{' in part' if len(kinds) > 1 else ''}: add_lora(..., use_dora="
+            f"{settings['use_dora']}) to load this file")
     merged = [name for name, layer in layers if layer.merged]
     if merged:
         raise AdapterFormatError(
@@ -587,7 +676,5 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     for _, layer in layers:
         layer.alpha, layer.rslora = settings["alpha"], settings["rslora"]
         layer.dropout_p = settings["dropout"]
-    mark_only_lora_as_trainable(model, bias=settings["bias"])
     setattr(model, BIAS_ATTR, settings["bias"])
     setattr(model, MODULES_TO_SAVE_ATTR, names)
-    return model

@@ -51,8 +51,10 @@ from torch import nn
 from torch.nn.parameter import is_lazy
 
 from ._checks import as_generator, check_bool, check_choice, check_positive_int
+from .dora import DoRALinear
 from .layers import (
     LoRALinear,
+    _ParkedAdapter,
     _base_weight,
     _check_hparams,
     _conv1d_type,
@@ -406,6 +408,8 @@ def add_lora(
     *,
     modules_to_save: Iterable[str] | None = None,
     seed: int | torch.Generator = 0,
+    use_dora: bool = False,
+    adapter_name: str = "default",
 ) -> nn.Module:
     """Wrap every matching linear layer of ``model`` in a ``LoRALinear``, in place.
 
@@ -435,6 +439,15 @@ def add_lora(
         seed: an ``int`` or a ``torch.Generator`` the adapters' initial values
             are drawn from, layer by layer in the order of
             ``model.named_modules()``.
+        use_dora: DoRA instead of LoRA: each layer is a
+            :class:`~lora_tutorial.dora.DoRALinear` (PEFT's ``use_dora=True``).
+        adapter_name: the adapter's name (PEFT's ``"default"`` unless given).
+            A model that already holds adapters gets one more under a new
+            name, on exactly the layers they adapt (``target_modules`` must
+            select those), of the same kind (LoRA or DoRA), without
+            ``modules_to_save`` or a ``bias`` mode; it is added, not
+            activated (:func:`~lora_tutorial.named_adapters.set_adapter`),
+            as in PEFT. See :mod:`~lora_tutorial.named_adapters`.
 
     An adapted layer whose base weight another module also holds (weight
     tying, found by parameter identity: GPT-2's ``lm_head`` is its input
@@ -451,12 +464,27 @@ def add_lora(
             adapted (saying why), a model that is already adapted there, or an
             uninitialised lazy module.
     """
+    from .named_adapters import check_adapter_name
+
     _check_model(model)
     hparams = _check_hparams(r, alpha, dropout, init, init_scale)
     if not isinstance(rslora, bool):
         raise TypeError(f"rslora must be a bool, got {rslora!r}")
     check_choice("bias", bias, BIAS_MODES)
+    use_dora = check_bool("use_dora", use_dora)
+    adapter_name = check_adapter_name(adapter_name)
     saved_names = [] if modules_to_save is None else _check_names("modules_to_save", modules_to_save)
+    existing = list(lora_layers(model))
+    names = existing[0][1].adapter_names() if existing else ()
+    if existing and (adapter_name not in names or len(names) > 1):
+        return _add_named(model, existing, target_modules, hparams, rslora, bias, saved_names,
+                          as_generator(seed), use_dora, adapter_name)
+    kinds = {isinstance(layer, DoRALinear) for _, layer in existing}
+    if existing and kinds != {use_dora}:
+        raise ValueError(
+            f"use_dora={use_dora} but the model's adapter {adapter_name!r} is "
+            f"{'DoRA' if not use_dora else 'LoRA'}: one adapter is all DoRA or all LoRA; "
+            "nothing was changed")
     earlier = _recorded(model, MODULES_TO_SAVE_ATTR) or []  # from an earlier add_lora
     saved_names = list(earlier) + [n for n in saved_names if n not in earlier]
     gen = as_generator(seed)
@@ -469,14 +497,17 @@ def add_lora(
     # Everything is checked: build every adapter and copy, then change the model.
     r, alpha, dropout, init, init_scale = hparams
     holders = _holders(model)
+    cls = DoRALinear if use_dora else LoRALinear
     new = {
-        name: LoRALinear.from_linear(
+        name: cls.from_linear(
             model.get_submodule(name), r=r, alpha=alpha, dropout=dropout, init=init,
             init_scale=init_scale, rslora=rslora, seed=gen)
         for name in chosen
     }
     for name, layer in new.items():
         layer._ties = _ties(holders, name, _base_weight(layer))
+        if adapter_name != LoRALinear._adapter_name:
+            layer._adapter_name = adapter_name
     copies = {name: ModuleToSave(module) for name, module in saved
               if not isinstance(module, ModuleToSave)}
     for name, module in [*new.items(), *copies.items()]:
@@ -484,6 +515,73 @@ def add_lora(
     mark_only_lora_as_trainable(model, bias=bias)
     setattr(model, BIAS_ATTR, bias)
     setattr(model, MODULES_TO_SAVE_ATTR, saved_names or None)
+    return model
+
+
+def _adapted_by(model: nn.Module, target_modules: object) -> list[str]:
+    """The modules ``target_modules`` selects, named as in the base model (a LoRALinear as itself)."""
+    match, targets = _target_matcher(target_modules)
+    modules = dict(base_modules(model))
+    if match is None:  # "all-linear"
+        head = model.get_output_embeddings() if _is_transformers_model(model) else None
+        return [name for name, m in modules.items()
+                if (isinstance(m, LoRALinear) or _adaptable(m)) and m is not head
+                and not _read_not_called(modules, name)]
+    return [name for name in modules if name and match(name)]
+
+
+def _add_named(model: nn.Module, existing: list[tuple[str, LoRALinear]], target_modules: object,
+               hparams: tuple, rslora: bool, bias: str, saved_names: list[str],
+               gen: torch.Generator, use_dora: bool, adapter_name: str) -> nn.Module:
+    """add_lora's second path: one more named adapter on the layers the model's adapters adapt."""
+    from .named_adapters import _layers, _park
+
+    layers = _layers(model)
+    names = list(layers[0][1].adapter_names())
+    if adapter_name in names:
+        raise ValueError(
+            f"adapter_name={adapter_name!r} is already an adapter of the model ({names}): a "
+            "model with several adapters cannot extend one to more layers; delete_adapter "
+            "it first, or pick another name; nothing was changed")
+    if bias != "none" or saved_names or saved_modules(model) or (recorded_bias(model) or "none") != "none":
+        raise ValueError(
+            f"a second adapter (adapter_name={adapter_name!r}) cannot come with "
+            f"modules_to_save or a bias mode other than 'none' (got bias={bias!r}, "
+            f"modules_to_save={saved_names or [n for n, _ in saved_modules(model)]}, recorded "
+            f"bias={recorded_bias(model)!r}): PEFT keeps one trained copy per adapter, this "
+            "library one; nothing was changed")
+    lora_paths = [name for name, _ in existing]
+    selected = _adapted_by(model, target_modules)
+    extra = [n for n in selected if n not in lora_paths]
+    lacking = [n for n in lora_paths if n not in selected]
+    if extra or lacking:
+        raise ValueError(
+            f"a new adapter (adapter_name={adapter_name!r}) must adapt exactly the layers the "
+            f"model's adapters {names} adapt, {lora_paths[:4]}{' ...' if len(lora_paths) > 4 else ''}; "
+            f"target_modules={target_modules!r} also selects {extra[:3]} and misses "
+            f"{lacking[:3]}; nothing was changed")
+    kind = isinstance(existing[0][1], DoRALinear)
+    if use_dora != kind:
+        raise ValueError(
+            f"use_dora={use_dora}, but the model's adapters {names} are "
+            f"{'DoRA' if kind else 'LoRA'}: a layer holds adapters of one kind; nothing was "
+            "changed")
+    merged = [name for name, layer in existing if layer.merged]
+    if merged:
+        raise RuntimeError(f"cannot add an adapter while {merged[:3]} are merged: "
+                           "unmerge_adapter(model) first; nothing was changed")
+    r, alpha, dropout, init, init_scale = hparams
+    cls = DoRALinear if use_dora else LoRALinear
+    parked = [
+        _ParkedAdapter.take(cls.from_linear(
+            layer.base, r=r, alpha=alpha, dropout=dropout, init=init, init_scale=init_scale,
+            rslora=rslora, seed=gen))
+        for _, layer in existing
+    ]
+    for (_, layer), adapter in zip(existing, parked):
+        adapter.requires_grad_(False)
+        _park(layer, adapter_name, adapter)
+    mark_only_lora_as_trainable(model, bias="none")
     return model
 
 
@@ -515,6 +613,8 @@ def unload_lora(model: nn.Module, merge: bool = True) -> nn.Module:
     and each module trained whole replaced by its original: the base model
     comes back. (PEFT's ``unload`` keeps the trained copies instead; here
     ``merge=False`` means the model without its adapter, copies included.)
+    With several named adapters, ``merge=True`` merges the active one, as
+    PEFT's ``merge_and_unload`` does, and the others are dropped.
     Returns ``model`` (a bare ``LoRALinear`` cannot replace itself: unload
     its parent).
     """

@@ -178,6 +178,45 @@ class _LoRABookkeeping(nn.Module):
     merged_lora_B: torch.Tensor | None
     # Other holders of the base weight, as (name, module, attribute), recorded by add_lora.
     _ties: tuple[tuple[str, nn.Module, str], ...] = ()
+    # The adapter's trainable tensors (a subclass may add some: DoRA's magnitude) and the
+    # buffers of a merge record, by attribute name.
+    _FACTORS: tuple[str, ...] = ("lora_A", "lora_B")
+    _RECORD: tuple[str, ...] = ("merged_lora_A", "merged_lora_B")
+    # The name of the adapter in the layer's own slots (lora_A, lora_B, alpha, ...); other
+    # named adapters wait in ``lora_parked`` (see lora_tutorial.named_adapters).
+    _adapter_name: str = "default"
+
+    def _factor_shapes(self) -> dict[str, torch.Size]:
+        """The shape of each of the adapter's tensors, and of each merge-record buffer."""
+        return {"lora_A": self.lora_A.shape, "lora_B": self.lora_B.shape,
+                "merged_lora_A": self.lora_A.shape, "merged_lora_B": self.lora_B.shape}
+
+    @property
+    def adapter_name(self) -> str:
+        """The name of the adapter this layer computes with (PEFT's ``"default"`` unless named)."""
+        return self._adapter_name
+
+    def adapter_names(self) -> tuple[str, ...]:
+        """The names of every adapter the layer holds, in the order they were added."""
+        return self.__dict__.get("_names", (self._adapter_name,))
+
+    def _parked(self) -> nn.ModuleDict:
+        return self._modules.get("lora_parked") or nn.ModuleDict()
+
+    @torch.no_grad()
+    def _switch_to(self, name: str) -> None:
+        """Put the adapter ``name`` in the layer's slots and park the one there (no checks
+        beyond the merge: the callers in named_adapters check the names first)."""
+        if name == self._adapter_name:
+            return
+        self._refuse_while_merged("switch adapters")
+        parked = self._modules["lora_parked"]
+        incoming = parked[name]
+        outgoing = _ParkedAdapter.take(self)
+        del parked[name]
+        parked[self._adapter_name] = outgoing
+        incoming.give(self)
+        self._adapter_name = name
 
     @property
     def r(self) -> int:
@@ -309,18 +348,33 @@ class _LoRABookkeeping(nn.Module):
         # returns, and would change it even if a factor does not fit.
         self._check_state_dict(state_dict, prefix)
         # A state dict with the base weight says whether it is merged: by
-        # holding merged_lora_A and merged_lora_B, or not.
+        # holding every buffer of the merge record (merged_lora_A, ...), or not.
         if prefix + "base.weight" in state_dict:
-            keys = ("merged_lora_A", "merged_lora_B")
-            merged = all(prefix + key in state_dict for key in keys)
-            a, b = torch.zeros_like(self.lora_A), torch.zeros_like(self.lora_B)
-            self.merged_lora_A = a if merged else None  # filled in by super()
-            self.merged_lora_B = b if merged else None
+            merged = all(prefix + key in state_dict for key in self._RECORD)
+            shapes = self._factor_shapes()
+            for key in self._RECORD:  # filled in by super()
+                zeros = torch.zeros(shapes[key], dtype=self.lora_A.dtype, device=self.lora_A.device)
+                setattr(self, key, zeros if merged else None)
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _check_state_dict(self, state_dict: dict[str, Any], prefix: str) -> None:
-        expected = {"lora_A": self.lora_A.shape, "lora_B": self.lora_B.shape,
-                    "merged_lora_A": self.lora_A.shape, "merged_lora_B": self.lora_B.shape}
+        mine = tuple(self._parked())
+        adapter_keys = [k for k in state_dict if k.startswith(prefix)
+                        and k[len(prefix):].split(".")[0] in (*self._FACTORS, "lora_parked")]
+        theirs = tuple(sorted({k[len(prefix) + 12:].split(".")[0] for k in state_dict
+                               if k.startswith(prefix + "lora_parked.")}))
+        if adapter_keys and sorted(mine) != list(theirs):
+            raise RuntimeError(
+                f"cannot load a state dict whose parked adapters under {prefix!r} are "
+                f"{list(theirs)} into a LoRALinear whose parked adapters are {sorted(mine)} "
+                f"(its active adapter is {self._adapter_name!r}): the slots lora_A and lora_B "
+                "hold the active adapter, so a state dict taken with another adapter active "
+                "would load into the wrong one. set_adapter() as when it was taken; nothing "
+                "was loaded into this layer")
+        expected = dict(self._factor_shapes())
+        for name, adapter in self._parked().items():
+            for key, value in adapter.named_parameters():
+                expected[f"lora_parked.{name}.{key}"] = value.shape
         for key in ("weight", "bias"):
             value = getattr(self.base, key, None)
             if isinstance(value, torch.Tensor):
@@ -333,9 +387,9 @@ class _LoRABookkeeping(nn.Module):
                     f"into a LoRALinear that holds {tuple(shape)} (r={self.r}, in_features="
                     f"{self.in_features}, out_features={self.out_features}); nothing was "
                     "loaded into this layer")
-        record = [k for k in ("merged_lora_A", "merged_lora_B") if prefix + k in state_dict]
-        if record and (len(record) < 2 or prefix + "base.weight" not in state_dict):
-            lacking = [prefix + k for k in ("merged_lora_A", "merged_lora_B", "base.weight")
+        record = [k for k in self._RECORD if prefix + k in state_dict]
+        if record and (len(record) < len(self._RECORD) or prefix + "base.weight" not in state_dict):
+            lacking = [prefix + k for k in (*self._RECORD, "base.weight")
                        if prefix + k not in state_dict]
             raise RuntimeError(
                 f"refusing a merge record without its base: the state dict holds "
@@ -350,7 +404,55 @@ class _LoRABookkeeping(nn.Module):
         return (f"in_features={self.in_features}, "
                 f"out_features={self.out_features}, r={self.r}, "
                 f"alpha={self.alpha:g}, scaling={self.scaling:g} ({rule}), "
-                f"init={self.init!r}, merged={self.merged}")
+                f"init={self.init!r}, merged={self.merged}"
+                + (f", adapter={self._adapter_name!r}"
+                   if self.adapter_names() != ("default",) else ""))
+
+
+class _ParkedAdapter(nn.Module):
+    """A named adapter a layer holds but does not compute with: its tensors and settings.
+
+    :meth:`_LoRABookkeeping._switch_to` moves the very tensors (the same
+    ``nn.Parameter`` objects, so an optimizer holding them keeps them) between
+    the layer's slots and here.
+    """
+
+    alpha: float
+    rslora: bool
+    dropout_p: float
+    init: str
+    init_scale: float
+
+    @classmethod
+    def take(cls, layer: "_LoRABookkeeping") -> "_ParkedAdapter":
+        """The adapter in ``layer``'s slots, as a parked adapter (the same tensors)."""
+        parked = cls()
+        for key in layer._FACTORS:
+            setattr(parked, key, layer._parameters[key])
+        parked.alpha, parked.rslora, parked.dropout_p = layer.alpha, layer.rslora, layer.dropout_p
+        parked.init, parked.init_scale = layer.init, layer.init_scale
+        return parked
+
+    def give(self, layer: "_LoRABookkeeping") -> None:
+        """Put this adapter's tensors and settings into ``layer``'s slots."""
+        for key in layer._FACTORS:
+            setattr(layer, key, self._parameters[key])
+        layer._alpha, layer._rslora = self.alpha, self.rslora
+        layer.dropout_p = self.dropout_p
+        layer.init, layer.init_scale = self.init, self.init_scale
+
+    @property
+    def r(self) -> int:
+        """The adapter's rank."""
+        return int(self.lora_A.shape[0])
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, scaling={self.scaling:g}"
 
 
 class LoRALinear(_LoRABookkeeping):

@@ -54,7 +54,8 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCo
     What trains is decided by what a parameter is, never by its name (a base
     module called ``explora_head`` is frozen like any other): the factors
     ``lora_A`` and ``lora_B`` of every
-    :class:`~lora_tutorial.layers.LoRALinear`, the trained copy of every
+    :class:`~lora_tutorial.layers.LoRALinear` (and DoRA's ``lora_magnitude_vector``;
+    of the adapter it computes with: other named adapters stay frozen), the trained copy of every
     module trained whole (a :class:`~lora_tutorial.module_to_save.ModuleToSave`,
     whose original stays frozen), and the biases ``bias`` names.
 
@@ -85,7 +86,7 @@ def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none") -> ParamCo
     originals: set[int] = set()
     for module in model.modules():
         if isinstance(module, LoRALinear):
-            trainable.update({id(module.lora_A), id(module.lora_B)})
+            trainable.update(id(getattr(module, key)) for key in module._FACTORS)
             if bias == "lora_only" and module.base.bias is not None:
                 trainable.add(id(module.base.bias))
         elif isinstance(module, ModuleToSave):

@@ -209,7 +209,8 @@ def _stacked(name: str, value: object, n: int) -> tuple[torch.Tensor, int | None
 def _settings(model: nn.Module) -> list[object]:
     """What a forward pass reads besides tensors: the printed structure and LoRA settings."""
     lora = [(n, m.scaling, m.merged, m._adapter_enabled, m.fan_in_fan_out)
-            for n, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "scaling")]
+            for n, m in model.named_modules()
+            if hasattr(m, "lora_A") and hasattr(m, "scaling") and hasattr(m, "merged")]
     return [str(model), lora]
 
 

@@ -39,6 +39,7 @@ def test_the_chapters_are_there():
         "06_from_scratch_to_peft.ipynb",
         "07_lora_on_a_language_model.ipynb",
         "08_qlora.ipynb",
+        "09_dora_and_many_adapters.ipynb",
     ]
     toc = (ROOT / "_toc.yml").read_text()
     for path in NOTEBOOKS:

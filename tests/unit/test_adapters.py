@@ -253,7 +253,7 @@ BAD = {
                         config=lambda c: edit(c, r=4)), r"r=4 in adapter_config.json, but the LoRALinear at 'head' has r=8"),
     "unknown module": (dict(tensors=lambda t: edit(t, **{"base_model.model.neck.lora_A.weight": torch.zeros(8, 256)})),
                        r"base_model.model.neck.lora_A.weight: the model has no LoRALinear, .* at this path \('neck'\)"),
-    "DoRA": (dict(config=lambda c: edit(c, use_dora=True)), r"use_dora=True is a feature this library cannot honour"),
+    "DoRA": (dict(config=lambda c: edit(c, use_dora=True)), r"use_dora=true, but the model.s adapter .default. is LoRA"),
     "PiSSA init": (dict(config=lambda c: edit(c, init_lora_weights="pissa")), r"init_lora_weights='pissa' is not supported"),
     "rank pattern": (dict(config=lambda c: edit(c, rank_pattern={"head": 4})), r"rank_pattern=\{'head': 4\} is a feature"),
     "not LoRA": (dict(config=lambda c: edit(c, peft_type="IA3")), r"peft_type must be 'LORA', got 'IA3'"),
