@@ -47,8 +47,7 @@ The measurements behind the numbers (Chromium, sphinx-book-theme, a 1280-px wind
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from typing import Any, Sequence
 
 import matplotlib as mpl
 from cycler import cycler
@@ -73,9 +72,9 @@ __all__ = [
 
 #: Width of the chapters' figure area, in CSS pixels, at a 1280-px window.
 COLUMN_PX = 672
-#: Dots per inch of a figure as displayed: 1 inch of figure is 100 px of page.
+#: Dots per inch of a figure as displayed (1 inch of figure is 100 px of page).
 DPI = 100
-#: Width of every figure, in inches: the column at 1:1.
+#: Width of every figure in inches (the column, drawn at its own size).
 COLUMN_WIDTH = COLUMN_PX / DPI
 #: Height of one panel, in inches (300 px).
 PANEL_HEIGHT = 3.0
@@ -97,7 +96,7 @@ OKABE_ITO: dict[str, str] = {
 PALETTE: list[str] = [OKABE_ITO[name] for name in (
     "blue", "vermillion", "bluish green", "orange", "reddish purple", "sky blue", "black")]
 
-#: Line styles, in the palette's order: series i has colour i and line style i.
+#: Line styles in the palette's order (series i has colour i and line style i).
 LINESTYLES: list[Any] = ["-", "--", "-.", ":", (0, (5, 1.5, 1, 1.5, 1, 1.5)), (0, (8, 2)), (0, (1, 1))]
 
 #: Markers, in the palette's order.
