@@ -12,7 +12,8 @@
 #
 # Other targets:
 #   make notebooks   re-execute every chapter top to bottom and store its outputs
-#   make benchmark   measure speed and rewrite benchmarks/results/*.md (shown in the book's appendix)
+#   make benchmark   measure speed and rewrite benchmarks/results/*.md (shown in the book's appendix),
+#                    then re-execute chapter 6, which plots and quotes lora_vs_peft.json
 #   make portability run every chapter under the CPU-kernel matrix and report every printed number
 #                    that differs (benchmarks/results/portability.md, in the reproducibility appendix)
 #   make clean       remove build products
@@ -53,6 +54,7 @@ benchmark: $(VENV)/.installed
 	$(BIN)/python benchmarks/explorer_latency.py --markdown benchmarks/results/explorer_latency.md
 	$(BIN)/python benchmarks/frozen_features_speed.py --markdown benchmarks/results/frozen_features_speed.md
 	$(BIN)/python benchmarks/suite_time.py --markdown benchmarks/results/suite_time.md
+	$(BIN)/python tools/run_notebooks.py notebooks/06_from_scratch_to_peft.ipynb
 
 portability: $(VENV)/.installed
 	$(BIN)/python tools/portability.py --report benchmarks/results/portability.md
