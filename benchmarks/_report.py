@@ -1,8 +1,15 @@
-"""Writing a benchmark's figures as Markdown for the book's appendix (book/benchmarks.md)."""
+"""Writing a benchmark's figures as Markdown for the book's appendix (book/benchmarks.md).
+
+Tables put units in their headers ("time (ms)") and plain numbers in their cells, so a
+narrow column never wraps a unit away from its number. A benchmark whose figures a
+chapter plots also writes them as JSON beside the Markdown (:func:`write_json`), with
+the same date, machine and command.
+"""
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import random
@@ -23,13 +30,19 @@ def machine() -> str:
             f"with {torch.get_num_threads()} threads, Python {sys.version.split()[0]}")
 
 
+def command(script: str, path: str) -> str:
+    """The command that writes ``path``, as the appendix quotes it."""
+    target = Path(path)
+    return f"python benchmarks/{script} --markdown {target.relative_to(ROOT) if target.is_absolute() else target}"
+
+
 def write(path: str | None, script: str, table: str, note: str = "") -> None:
     """Write ``table`` to ``path`` (if given) with the date, the machine and the command."""
     if not path:
         return
     target = Path(path)
-    command = f"python benchmarks/{script} --markdown {target.relative_to(ROOT) if target.is_absolute() else target}"
-    text = (f"Measured on {datetime.date.today().isoformat()}, {machine()}, with `{command}`."
+    command_line = command(script, path)
+    text = (f"Measured on {datetime.date.today().isoformat()}, {machine()}, with `{command_line}`."
             f"{' ' + note if note else ''}\n\n{table}\n")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text)
@@ -55,3 +68,18 @@ def interleaved(jobs: dict[str, Callable[[], object]], rounds: int, iters: int) 
                 jobs[name]()
             samples[name].append((time.perf_counter() - start) / iters)
     return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def write_json(path: str | None, script: str, results: dict) -> None:
+    """Write ``results`` as JSON beside the Markdown file ``path`` (same name, ``.json``).
+
+    The file says when and where the figures were measured and by which command,
+    so a chapter that plots them can say so: they are the last run's, not live.
+    """
+    if not path:
+        return
+    target = Path(path).with_suffix(".json")
+    record = {"measured_on": datetime.date.today().isoformat(), "machine": machine(),
+              "command": command(script, path), **results}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")

@@ -50,11 +50,11 @@ def main() -> None:
     runs["fit_lora_on_stats"] = (time.perf_counter() - start, lt.evaluate(head, val_feats, task.y_new_val))
 
     base = runs["whole model every step (the source)"][0]
-    rows = ["| 600 fine-tuning steps of chapter 3's head | time | speed-up | validation loss |",
+    rows = ["| 600 fine-tuning steps of chapter 3's head | time (s) | speed-up (×) | validation loss |",
             "| --- | ---: | ---: | ---: |"]
     for name, (seconds, val) in runs.items():
         print(f"{name:38s} {seconds:7.2f} s  ({base / seconds:6.1f}x)   validation loss {val:.4f}")
-        rows.append(f"| {name} | {seconds:.2f} s | {base / seconds:.1f}x | {val:.4f} |")
+        rows.append(f"| {name} | {seconds:.2f} | {base / seconds:.1f} | {val:.4f} |")
     _report.write(args.markdown, "frozen_features_speed.py", "\n".join(rows))
 
 

@@ -12,7 +12,8 @@ contender is the median over rounds of its per-iteration time. Ratios compare me
 
 Usage:
     python benchmarks/lora_vs_peft.py                 # prints the table
-    python benchmarks/lora_vs_peft.py --markdown FILE # also writes it for the book's appendix
+    python benchmarks/lora_vs_peft.py --markdown FILE # also writes it for the book's appendix,
+                                                      # and FILE with .json for chapter 6's figure
 
 Goals (issue 5): from-scratch training step <= 1.05x PEFT's; merged inference <= 1.02x
 nn.Linear; unmerged inference <= 1.15x nn.Linear at 4096x4096.
@@ -114,15 +115,20 @@ def main(argv: list[str] | None = None) -> int:
               f"iterations per contender, interleaved; medians")
     print(f"{_report.machine()}; {header}")
     names = ("nn.Linear", "LoRALinear", "LoRALinear (merged)", "PEFT lora.Linear")
-    times = ["| shape | measurement | nn.Linear | LoRALinear | LoRALinear merged | PEFT |",
+    times = ["| shape | measurement | nn.Linear (ms) | LoRALinear (ms) | LoRALinear merged (ms) | PEFT (ms) |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     goals = ["| goal | shape | measured | verdict |", "| --- | --- | ---: | --- |"]
     verdicts = []
+    results: dict = {"settings": {"peft": peft.__version__, "r": R, "batch": BATCH, "rounds": args.rounds,
+                                  "iters": args.iters},
+                     "times_ms": {}, "goals": []}
     for shape in ((1024, 1024), (4096, 4096)):
         t = measure(shape, args.rounds, args.iters)
         label = f"{shape[0]}×{shape[1]}"
         for kind in ("train step", "inference"):
-            cells = [f"{1e3 * t[kind, name]:.2f} ms" if (kind, name) in t else "—" for name in names]
+            cells = [f"{1e3 * t[kind, name]:.2f}" if (kind, name) in t else "—" for name in names]
+            results["times_ms"].setdefault(label, {})[kind] = {
+                name: round(1e3 * t[kind, name], 4) for name in names if (kind, name) in t}
             times.append(f"| {label} | {kind} | " + " | ".join(cells) + " |")
         checks = [("training step: LoRALinear / PEFT ≤ 1.05",
                    t["train step", "LoRALinear"] / t["train step", "PEFT lora.Linear"], 1.05),
@@ -134,10 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         for goal, ratio, limit in checks:
             verdicts.append(ratio <= limit)
             goals.append(f"| {goal} | {label} | {ratio:.3f} | {'met' if ratio <= limit else 'MISSED'} |")
+            results["goals"].append({"goal": goal, "shape": label, "ratio": round(ratio, 4),
+                                     "met": ratio <= limit})
     lines = times + [""] + goals
     table = "\n".join(lines)
     print(table)
     _report.write(args.markdown, "lora_vs_peft.py", table, note=header + ".")
+    _report.write_json(args.markdown, "lora_vs_peft.py", results)
     return 0 if all(verdicts) else 1
 
 

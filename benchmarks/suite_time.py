@@ -40,12 +40,12 @@ def main() -> None:
     args = parser.parse_args()
     notebooks = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "notebooks").glob("*.ipynb"))
     print(f"machine: {_report.machine()}")
-    rows = ["| what | time | goal |", "| --- | ---: | --- |"]
+    rows = ["| what | time (s) | goal |", "| --- | ---: | --- |"]
 
     def report(label: str, seconds: float, goal: float | None = None) -> None:
-        verdict = "" if goal is None else f"≤ {goal:.0f} s: {'met' if seconds <= goal else 'MISSED'}"
+        verdict = "" if goal is None else f"≤ {goal:.0f}\u00a0s: {'met' if seconds <= goal else 'MISSED'}"
         print(f"{label:44s} {seconds:6.1f} s  {verdict}")
-        rows.append(f"| {label} | {seconds:.1f} s | {verdict} |")
+        rows.append(f"| {label} | {seconds:.1f} | {verdict} |")
 
     report("every chapter, strict nbval", timed_pytest(*notebooks), ALL_CHAPTERS_GOAL)
     report("unit tests and notebook house rules", timed_pytest("tests/unit", "tests/test_notebooks.py"))

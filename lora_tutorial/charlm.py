@@ -61,7 +61,10 @@ __all__ = [
     "write_checkpoint",
 ]
 
-#: The shipped pretrained model (written by ``tools/make_gpt2_checkpoint.py``).
+#: The shipped pretrained model (written by ``tools/make_gpt2_checkpoint.py``):
+#: ``checkpoints/char_gpt2_numpy.safetensors`` in the package.
+#:
+#: :meta hide-value:
 CHECKPOINT_PATH = Path(__file__).parent / "checkpoints" / "char_gpt2_numpy.safetensors"
 
 #: The model's shape, small enough to pretrain in a few minutes on one CPU thread.

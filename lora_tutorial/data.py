@@ -135,8 +135,10 @@ class AdaptationTask:
         mats: the teacher weights (see :func:`make_task_matrices`).
         x_train: ``(n_train, d_in)`` training inputs.
         x_val: ``(n_val, d_in)`` validation inputs.
-        y_old_train, y_old_val: the old task's targets, ``(n, d_out)``.
-        y_new_train, y_new_val: the new task's targets, ``(n, d_out)``.
+        y_old_train: the old task's training targets, ``(n_train, d_out)``.
+        y_old_val: the old task's validation targets, ``(n_val, d_out)``.
+        y_new_train: the new task's training targets, ``(n_train, d_out)``.
+        y_new_val: the new task's validation targets, ``(n_val, d_out)``.
     """
 
     mats: dict[str, torch.Tensor]

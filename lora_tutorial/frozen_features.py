@@ -337,7 +337,10 @@ def fit_many_on_stats(
     Args:
         layers: unmerged :class:`~lora_tutorial.layers.LoRALinear` layers on
             ``nn.Linear`` bases of shape ``(stats.d_out, stats.d_in)``.
-        stats, steps, lr, record: as for :func:`fit_lora_on_stats`.
+        stats: the features' statistics, shared by every layer.
+        steps: number of AdamW steps, as for :func:`fit_lora_on_stats`.
+        lr: learning rate, as for :func:`fit_lora_on_stats`.
+        record: what to record before each step, as for :func:`fit_lora_on_stats`.
 
     Returns:
         For each layer, the recorded value before each step.

@@ -424,8 +424,12 @@ def add_lora(
             ``"all-linear"`` (see the module docstring, which says where it
             differs from PEFT's). Matches may be ``nn.Linear``, a subclass of
             it, or GPT-2's ``Conv1D``.
-        r, alpha, dropout, init, init_scale, rslora: the adapters' settings
-            (defaults follow PEFT).
+        r: the adapters' rank (the defaults follow PEFT).
+        alpha: the scale's numerator, ``alpha / r`` (``alpha / sqrt(r)``).
+        dropout: dropout probability on each adapter's input.
+        init: how ``lora_A`` is drawn (see :class:`~lora_tutorial.layers.LoRALinear`).
+        init_scale: the standard deviation of ``init="normal"``.
+        rslora: use rank-stabilised scaling, ``alpha / sqrt(r)``.
         bias: which biases train too: ``"none"``, ``"lora_only"`` (the
             adapted layers' own) or ``"all"``. Recorded on the model, so
             :func:`~lora_tutorial.adapter_io.save_adapter` saves those biases

@@ -467,13 +467,17 @@ class LoRALinear(_LoRABookkeeping):
     happened to the factors in between.
 
     Args:
-        in_features, out_features, r: sizes of input, output and update.
-        alpha, rslora: the scale ``alpha / r`` (``alpha / sqrt(r)``).
+        in_features: size of each input.
+        out_features: size of each output.
+        r: rank of the update ``B A``.
+        alpha: the scale's numerator: ``alpha / r``.
+        rslora: scale by ``alpha / sqrt(r)`` instead (rank-stabilised LoRA).
         dropout: dropout probability on the adapter's input (``dropout_p``).
         bias: whether the new base layer has a bias.
-        init, init_scale: ``lora_A`` from N(0, init_scale²) (``"normal"``,
+        init: how ``lora_A`` is drawn: from N(0, init_scale²) (``"normal"``,
             the source's), Kaiming-uniform (``"kaiming"``, PEFT's) or
             N(0, 1/r²) (``"gaussian"``).
+        init_scale: the standard deviation of ``init="normal"``.
         seed: an int or a ``torch.Generator`` for every initial value.
         base: adapt this existing layer instead (see :meth:`from_linear`).
     """

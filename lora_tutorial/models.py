@@ -19,9 +19,15 @@ class TinyAdapter(nn.Module):
     fine-tuning trains.
 
     Args:
-        d_in, d_hidden, d_out: layer sizes.
-        r, alpha, dropout: the head's LoRA rank, scale numerator and adapter dropout.
-        init, init_scale, rslora: passed on to :class:`~lora_tutorial.layers.LoRALinear`.
+        d_in: size of each input.
+        d_hidden: size of the backbone's output, the head's input.
+        d_out: size of each output.
+        r: the head's LoRA rank.
+        alpha: the numerator of the head's scale ``alpha / r``.
+        dropout: dropout probability on the head adapter's input.
+        init: how the head's ``lora_A`` is drawn (see :class:`~lora_tutorial.layers.LoRALinear`).
+        init_scale: the standard deviation of ``init="normal"``.
+        rslora: scale the head's update by ``alpha / sqrt(r)``.
         seed: an ``int`` or a ``torch.Generator`` every initial value is drawn
             from (the backbone first, then the head).
 

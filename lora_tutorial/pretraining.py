@@ -29,9 +29,15 @@ __all__ = [
     "write_checkpoint",
 ]
 
-#: Where the shipped checkpoint lives (``TinyAdapter`` after the source's 800 pretraining steps).
+#: Where the shipped checkpoint lives (``TinyAdapter`` after the source's 800 pretraining steps):
+#: ``checkpoints/tiny_adapter_source.safetensors`` in the package.
+#:
+#: :meta hide-value:
 CHECKPOINT_PATH = Path(__file__).parent / "checkpoints" / "tiny_adapter_source.safetensors"
-#: The same 800 steps from the same start, with the head's base layer trained too.
+#: The same 800 steps from the same start, with the head's base layer trained too:
+#: ``checkpoints/tiny_adapter_head_pretrained.safetensors`` in the package.
+#:
+#: :meta hide-value:
 HEAD_PRETRAINED_PATH = CHECKPOINT_PATH.with_name("tiny_adapter_head_pretrained.safetensors")
 
 

@@ -129,8 +129,9 @@ class SourceRun:
         head_pretrained: a copy of the head as fine-tuning found it (its
             base still the random initialisation, ``B = 0``).
         head_unmerged: a copy of the head just before merging.
-        features_train, features_val: the frozen backbone's output
-            ``gelu(backbone(x))``, ``(4096, 256)`` and ``(512, 256)``.
+        features_train: the frozen backbone's output ``gelu(backbone(x))`` on
+            the training inputs, ``(4096, 256)``.
+        features_val: the same on the validation inputs, ``(512, 256)``.
         pretrain_losses: the training loss of every pretraining step.
         finetune_losses: the training loss of every fine-tuning step.
         val_losses: the validation losses printed during fine-tuning
@@ -197,7 +198,8 @@ def replay_source_run(
     Args:
         order: ``"executed"`` (the data cell before the demo, the order the
             execution counts show) or ``"displayed"`` (top to bottom).
-        pretrain_steps, finetune_steps: the loops' lengths (800 and 600).
+        pretrain_steps: the pretraining loop's length (800).
+        finetune_steps: the fine-tuning loop's length (600).
         log_every: print a loss every this many steps (100).
         literal: run the source's loops exactly as written, without the two
             shortcuts described in the module's docstring (same numbers,

@@ -117,7 +117,8 @@ def train(
 
     Args:
         model: maps ``x (n, ...)`` to predictions of ``y``'s shape ``(n, ...)``.
-        x, y: the data, non-empty and finite.
+        x: the inputs, non-empty and finite.
+        y: the targets, non-empty and finite.
         steps: number of optimizer steps.
         lr: learning rate.
         optimizer: ``"adamw"`` (PyTorch defaults, weight decay 0.01), ``"adam"`` or ``"sgd"``.
@@ -243,9 +244,13 @@ def train_together(
             rule included), and no active dropout: dropout masks drawn inside
             ``vmap`` could not be the ones :func:`train` draws, so train such
             models one by one.
-        x, y: one tensor shared by every model, or a list of ``m`` tensors of one
-            shape, one per model (for instance one data set per seed).
-        steps, lr, optimizer, loss_fn: as for :func:`train`.
+        x: the inputs: one tensor shared by every model, or a list of ``m``
+            tensors of one shape, one per model (for instance one data set per seed).
+        y: the targets, likewise shared or one per model.
+        steps: number of optimizer steps, as for :func:`train`.
+        lr: learning rate, as for :func:`train`.
+        optimizer: ``"adamw"``, ``"adam"`` or ``"sgd"``, as for :func:`train`.
+        loss_fn: as for :func:`train`.
 
     Returns:
         For each model, the training loss of every step, before that step's update.

@@ -86,6 +86,10 @@ def test_chapter_structure(path):
     assert solutions == exercises, "every exercise needs a dropdown solution, in order"
 
 
+# Diagrams drawn by the book's machinery (lora_tutorial.book.diagrams) have a title but no axes.
+DIAGRAMS = ("book.lora_diagram(",)
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_figures_have_captions_titles_and_labels(path):
     for cell in code_cells(load(path)):
@@ -95,9 +99,49 @@ def test_figures_have_captions_titles_and_labels(path):
         source = "".join(cell["source"])
         caption = cell["metadata"].get("mystnb", {}).get("figure", {}).get("caption", "")
         assert len(caption) > 40, f"figure without a caption: {source[:80]}"
-        assert "set_title" in source or "suptitle" in source, f"figure without a title: {source[:80]}"
-        assert "set_xlabel" in source and ("set_ylabel" in source or "barh" in source), source[:80]
         assert source.rstrip().endswith("plt.show()"), "end figure cells with plt.show()"
+        if any(diagram in source for diagram in DIAGRAMS):
+            continue
+        assert "set_title" in source or "suptitle" in source, f"figure without a title: {source[:80]}"
+        # A y axis is labelled by its label, or by the names of its rows (bar and dot charts).
+        labelled_y = any(k in source for k in ("set_ylabel", "barh", "set_yticks"))
+        assert "set_xlabel" in source and labelled_y, source[:80]
+
+
+# Chapters not yet restyled for issue 21 (figure style, alt text, numbered citations of
+# figures, one output per printout). Their tests are expected to fail until then; a
+# chapter's author removes it from this list when restyling it (the tests then XPASS).
+NOT_YET_RESTYLED = {"04_parameter_efficiency", "05_lora_on_real_data", "07_lora_on_a_language_model",
+                    "08_qlora", "09_dora_and_many_adapters"}
+STYLED = [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(reason="not yet restyled (issue 21)", strict=False)]
+                       if p.stem in NOT_YET_RESTYLED else []) for p in NOTEBOOKS]
+
+
+@pytest.mark.parametrize("path", STYLED)
+def test_figures_say_what_they_show(path):
+    # Alt text that describes the figure (not the image's hash file name), a name the
+    # prose cites it by ({numref}), and maths in captions written as maths.
+    nb = load(path)
+    prose = markdown(nb)
+    for cell in code_cells(nb):
+        if not any("image/png" in out.get("data", {}) for out in cell["outputs"]):
+            continue
+        meta = cell["metadata"].get("mystnb", {})
+        alt, name = meta.get("image", {}).get("alt", ""), meta.get("figure", {}).get("name", "")
+        caption = meta.get("figure", {}).get("caption", "")
+        assert len(alt) > 60 and not re.search(r"\.(png|svg|jpe?g)$", alt), f"{name}: alt text {alt!r}"
+        assert f"{{numref}}`{name}`" in prose, f"{name} is never cited by number in the prose"
+        assert not re.search(r"(?<!\\)alpha ?/ ?(sqrt|r\b)", caption), f"{name}: write maths as $\\alpha/r$"
+        assert "hide-input" in cell["metadata"].get("tags", []), f"{name}: fold the plotting code"
+
+
+@pytest.mark.parametrize("path", STYLED)
+def test_one_printout_is_one_output(path):
+    # A cell's consecutive writes to stdout are one output (tools/run_notebooks.py
+    # coalesces them), so the book shows one box, not the header in one and its rows in another.
+    for i, cell in enumerate(code_cells(load(path))):
+        kinds = [out.get("name") for out in cell["outputs"] if out["output_type"] == "stream"]
+        assert all(a != b for a, b in zip(kinds, kinds[1:])), f"code cell {i}: a printout split over outputs"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -3,7 +3,8 @@
 This is how the committed outputs are made (`make notebooks`); `pytest --nbval`
 then proves they are current. Widget state is stored too, so that the rendered
 book can show the widgets without a kernel. Execution timestamps are not
-recorded, so re-running an unchanged notebook gives an unchanged file.
+recorded, so re-running an unchanged notebook gives an unchanged file, and a cell's
+consecutive writes to stdout are stored as one output (one printout, one box).
 
 Usage:
     python tools/run_notebooks.py                 # every notebook in notebooks/
@@ -47,6 +48,9 @@ def run(path: Path, timeout: int = 600) -> float:
         resources={"metadata": {"path": str(path.parent)}},
         record_timing=False,
         store_widget_state=True,
+        # One printout, one output: a cell's consecutive writes to stdout are stored as one
+        # stream output, not one per flush (nbval coalesces streams before comparing too).
+        coalesce_streams=True,
     )
     start = time.perf_counter()
     client.execute()

@@ -1,4 +1,8 @@
-"""Small helpers the book's notebooks use to show things: plot style and source code."""
+"""Small helpers the book's notebooks use to show things: glued values and the library's source.
+
+The figure style lives in :mod:`lora_tutorial.book.style`; ``BOOK_STYLE`` and
+``use_book_style`` are re-exported here for older imports.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ import logging
 import textwrap
 from typing import Any
 
-import matplotlib as mpl
+from .style import BOOK_STYLE, use_book_style
 
-__all__ = ["BOOK_STYLE", "glue", "source_code", "use_book_style"]
+__all__ = ["Source", "glue", "show_source", "source_code"]
 
 class _NoHubKernelMessage(logging.Filter):
     """Drop bitsandbytes' note that it could not download an optional CPU kernel.
@@ -31,23 +35,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoHubKernelMessage
 #: The MIME prefix under which myst-nb looks for glued values.
 GLUE_PREFIX = "application/papermill.record/"
 
-#: Matplotlib settings shared by every figure in the book.
-BOOK_STYLE: dict[str, Any] = {
-    "figure.figsize": (7.0, 3.6),
-    "figure.dpi": 100,
-    "savefig.dpi": 100,
-    "figure.constrained_layout.use": True,
-    "font.size": 10,
-    "axes.titlesize": 11,
-    "axes.labelsize": 10,
-    "legend.fontsize": 9,
-    "axes.grid": True,
-    "grid.alpha": 0.3,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-}
-
-
 def glue(name: str, value: Any, display: bool = False) -> None:
     """Store ``value`` under ``name`` for the book's prose, as ``myst_nb.glue`` does.
 
@@ -66,11 +53,6 @@ def glue(name: str, value: Any, display: bool = False) -> None:
     ipy_display({prefix + key: data for key, data in mimebundle.items()}, raw=True, metadata=metadata)
 
 
-def use_book_style() -> None:
-    """Apply :data:`BOOK_STYLE` to matplotlib's global settings."""
-    mpl.rcParams.update(BOOK_STYLE)
-
-
 def source_code(obj: Any) -> str:
     """The source of a function, method or class, without its docstrings.
 
@@ -87,3 +69,42 @@ def source_code(obj: Any) -> str:
             if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
                 drop.update(range(first.lineno - 1, first.end_lineno))
     return "\n".join(line for i, line in enumerate(lines) if i not in drop).rstrip() + "\n"
+
+
+class Source:
+    """Source code that a notebook shows as highlighted Python, not as printed text.
+
+    Its Markdown form is a fenced ``python`` block: JupyterLab highlights it, and
+    the book renders it with the same highlighting as its code cells. The plain
+    text form (what ``print`` or a terminal shows) is the code itself. Both are
+    plain text, so strict nbval compares them exactly and deterministically (no
+    HTML from a highlighter whose markup could change between versions).
+    """
+
+    def __init__(self, code: str, name: str = "") -> None:
+        self.code = code
+        self.name = name
+
+    @property
+    def lines(self) -> int:
+        """How many lines of code it shows."""
+        return len(self.code.splitlines())
+
+    def _repr_markdown_(self) -> str:
+        return f"```python\n{self.code.rstrip()}\n```\n"
+
+    def __repr__(self) -> str:
+        return self.code.rstrip()
+
+
+def show_source(*objs: Any) -> Source:
+    """The source of ``objs`` without docstrings (:func:`source_code`), shown highlighted.
+
+    A notebook cell ending in ``book.show_source(lt.LoRALinear)`` displays the
+    class as highlighted code; several objects are shown one after the other,
+    separated by a blank line, in one output. Where the code is long, the chapter
+    folds the cell's output (the ``hide-output`` tag, with a ``code_prompt_show``
+    naming it), so the reader opens it when the prose sends them there.
+    """
+    code = "\n".join(source_code(obj) for obj in objs)
+    return Source(code, ", ".join(getattr(obj, "__qualname__", "") for obj in objs))

@@ -61,10 +61,10 @@ def browser():
 class Reader:
     """One page as a reader opens it, with everything that went wrong on the way."""
 
-    def __init__(self, browser, rel: str) -> None:
+    def __init__(self, browser, rel: str, **context) -> None:
         if not (HTML / rel).exists():
             pytest.fail(f"{rel} is not in the built book: rebuild it (`make book` or `jupyter-book build .`)")
-        self.context = browser.new_context(viewport={"width": 1280, "height": 900})
+        self.context = browser.new_context(**(context or {"viewport": {"width": 1280, "height": 900}}))
         self.page = self.context.new_page()
         self.problems: list[str] = []
         self.page.route(re.compile(r"^(?!file:|data:|blob:|about:).*"), self._block)
@@ -81,17 +81,23 @@ class Reader:
         self.context.close()
 
 
-@pytest.fixture(scope="session")
-def loaded(browser):
-    """Each page opened once and shared by the tests that only read it (or put it back as they found it)."""
+def opened_once(open_page):
+    """A getter that opens each page once (with ``open_page(rel)``), and the pages it opened."""
     readers: dict[str, Reader] = {}
 
     def _get(rel):
         if rel not in readers:
-            readers[rel] = Reader(browser, rel)
+            readers[rel] = open_page(rel)
         return readers[rel]
 
-    yield _get
+    return _get, readers
+
+
+@pytest.fixture(scope="session")
+def loaded(browser):
+    """Each page opened once and shared by the tests that only read it (or put it back as they found it)."""
+    get, readers = opened_once(lambda rel: Reader(browser, rel))
+    yield get
     for reader in readers.values():
         reader.close()
 
@@ -317,3 +323,177 @@ def test_code_blocks_hold_80_characters(browser):
     }
     reader.close()
     assert fits == {"main column, 83": True, "solution, 80": True}
+
+
+# --- The book's look (issue 21): what the restyled pages promise, page by page. -----------------
+#
+# Chapters 4, 5, 7, 8 and 9 are not yet restyled: their tests below are expected to fail until their
+# authors restyle them (remove a chapter from NOT_YET_RESTYLED then; its tests XPASS meanwhile).
+NOT_YET_RESTYLED = {"notebooks/04_parameter_efficiency.html", "notebooks/05_lora_on_real_data.html",
+                    "notebooks/07_lora_on_a_language_model.html", "notebooks/08_qlora.html",
+                    "notebooks/09_dora_and_many_adapters.html"}
+PHONE = {"width": 390, "height": 844}  # a phone held upright, in CSS pixels
+
+
+def styled(pages):
+    """``pages`` as test parameters, those not yet restyled marked as expected to fail."""
+    return [pytest.param(rel, id=rel, marks=[pytest.mark.xfail(reason="not yet restyled (issue 21)", strict=False)]
+                         if rel in NOT_YET_RESTYLED else []) for rel in pages]
+
+
+class PhoneReader(Reader):
+    """One page as a reader opens it on a phone: 390 px wide."""
+
+    def __init__(self, browser, rel: str) -> None:
+        super().__init__(browser, rel, viewport=PHONE, device_scale_factor=1, is_mobile=True, has_touch=True)
+
+
+@pytest.fixture(scope="session")
+def on_phone(browser):
+    """Each page opened once on a phone, shared by the tests that only read it."""
+
+    def open_on_phone(rel):
+        reader = PhoneReader(browser, rel)
+        reader.page.wait_for_timeout(1500)  # MathJax and the widgets lay out after load
+        return reader
+
+    get, readers = opened_once(open_on_phone)
+    yield get
+    for reader in readers.values():
+        reader.close()
+
+
+# Everything in the main text that reaches past the right edge of the screen, except what
+# sits inside a box that scrolls itself (a code block, a table, a displayed equation) and
+# itself fits the screen.
+TOO_WIDE = """() => {
+    const width = document.documentElement.clientWidth;
+    const scrollsItself = (el) => /(auto|scroll)/.test(getComputedStyle(el).overflowX);
+    const wide = [];
+    for (const el of document.querySelectorAll('article *')) {
+        const box = el.getBoundingClientRect();
+        if (box.width === 0 || box.height === 0 || box.right <= width + 1) continue;
+        let holder = el.parentElement, held = false;
+        while (holder && holder.tagName !== 'ARTICLE') {
+            if (scrollsItself(holder) && holder.getBoundingClientRect().right <= width + 1) { held = true; break; }
+            holder = holder.parentElement;
+        }
+        if (held) continue;
+        if (wide.some(([, , parent]) => parent && parent.contains(el))) continue;  // its parent is reported
+        wide.push([el.tagName.toLowerCase() + (el.className && typeof el.className === 'string'
+                   ? '.' + el.className.trim().split(/\\s+/).slice(0, 2).join('.') : ''),
+                   Math.round(box.right), el]);
+    }
+    return {page: document.documentElement.scrollWidth, width,
+            wide: wide.slice(0, 8).map(([what, right, el]) =>
+                [what, right, (el.innerText || el.alt || '').trim().replace(/\\s+/g, ' ').slice(0, 50)])};
+}"""
+
+
+@pytest.mark.parametrize("rel", styled(["book/intro.html", *CHAPTERS, "book/api.html", "book/benchmarks.html",
+                                        "book/reproducibility.html", "book/verdicts.html",
+                                        "book/bibliography.html"]))
+def test_nothing_is_wider_than_a_phone(on_phone, rel):
+    """At 390 px no element of the main text is wider than the screen unless it scrolls itself."""
+    found = on_phone(rel).page.evaluate(TOO_WIDE)
+    assert found["wide"] == [], f"{rel} at 390 px: wider than the screen: {found['wide']}"
+    assert found["page"] <= found["width"], f"{rel} scrolls sideways at 390 px ({found['page']} px)"
+
+
+def test_the_introduction_fits_a_phone_without_scrolling(on_phone):
+    """The introduction's equation and its `make` block fit 390 px whole: nothing in it scrolls sideways."""
+    page = on_phone("book/intro.html").page
+    scrolling = page.evaluate("""() => Array.from(document.querySelectorAll('article *'))
+        .filter(el => el.getClientRects().length > 0 && el.scrollWidth > el.clientWidth + 1
+                      && /(auto|scroll)/.test(getComputedStyle(el).overflowX))
+        .map(el => el.tagName + ': ' + (el.innerText || '').trim().slice(0, 40))""")
+    assert scrolling == []
+
+
+def test_the_explorer_sliders_keep_their_track_on_a_phone(on_phone):
+    """Chapter 4's static sliders at 390 px: a track a thumb can travel along, not a bare knob."""
+    page = on_phone("notebooks/04_parameter_efficiency.html").page
+    box = page.locator(".widget-vbox").first
+    box.wait_for(state="visible", timeout=20_000)
+    tracks = box.locator(".noUi-target").evaluate_all("els => els.map(el => el.getBoundingClientRect().width)")
+    assert len(tracks) == 2 and min(tracks) >= 120, tracks
+
+
+@pytest.mark.parametrize("rel", styled(CHAPTERS))
+def test_images_are_sharp(loaded, rel):
+    """Every figure is SVG, or a PNG with at least 1.5 pixels of image per pixel of page (at 1280 px)."""
+    page = loaded(rel).page
+    blurry = page.evaluate("""async () => {
+        const images = Array.from(document.querySelectorAll('article img'));
+        for (const img of images) { img.loading = 'eager'; }
+        await Promise.all(images.map(img => img.decode().catch(() => null)));
+        return images.filter(img => img.offsetParent !== null && !/\\.svg($|\\?)/.test(img.src)
+                                     && img.naturalWidth < 1.5 * img.clientWidth)
+            .map(img => [img.src.split('/').pop().slice(0, 20), img.naturalWidth, img.clientWidth]);
+    }""")
+    assert blurry == [], f"{rel}: images with under 1.5 image pixels per page pixel: {blurry}"
+
+
+@pytest.mark.parametrize("rel", styled(CHAPTERS))
+def test_figures_are_drawn_for_the_column(loaded, rel):
+    """Figures are shown at the size they were drawn for (the column, 1:1), never squeezed to
+    less than 90% of it, and each chapter has at least two."""
+    page = loaded(rel).page
+    sizes = page.evaluate("""() => Array.from(document.querySelectorAll('article figure img'))
+        .map(img => [img.getAttribute('width') || (img.style.width || '').replace('px', ''), img.clientWidth])""")
+    assert len(sizes) >= 2, f"{rel} has {len(sizes)} figure(s)"
+    squeezed = [(drawn, shown) for drawn, shown in sizes if not drawn or shown < 0.9 * float(drawn)]
+    assert squeezed == [], f"{rel}: figures shown smaller than drawn, or with no size: {squeezed}"
+
+
+@pytest.mark.parametrize("rel", styled(CHAPTERS))
+def test_alt_text_says_what_the_figure_shows(loaded, rel):
+    """Alt text is a description, not the image's (hash) file name."""
+    alts = loaded(rel).page.evaluate("""() => Array.from(document.querySelectorAll('article img'))
+        .filter(img => img.offsetParent !== null).map(img => img.alt || '')""")
+    bad = [alt[:60] for alt in alts if len(alt) < 30 or re.search(r"\.(png|svg|jpe?g)$|_images/", alt)]
+    assert bad == [], f"{rel}: alt text that is a file name or missing: {bad}"
+
+
+MACHINE_PATH = re.compile(r"(/work/|/home/|/root/|/tmp/|/Users/|site-packages|PosixPath\(|WindowsPath\()")
+
+
+@pytest.mark.parametrize("rel", PAGES)
+def test_no_page_shows_a_machine_path(loaded, rel):
+    """No page shows where the book was built: the API page's defaults are the source's names."""
+    page = loaded(rel).page
+    text = page.inner_text("body") + " " + " ".join(
+        page.evaluate("() => Array.from(document.querySelectorAll('img')).map(img => img.alt)"))
+    found = sorted({text[max(m.start() - 30, 0):m.end() + 30] for m in MACHINE_PATH.finditer(text)})
+    assert found == [], f"{rel} shows machine paths: {found[:5]}"
+
+
+@pytest.mark.parametrize("rel", CHAPTERS)
+def test_one_printout_is_one_box(loaded, rel):
+    """A cell's printout is one output box, not its header in one and its rows in others."""
+    split = loaded(rel).page.evaluate("""() => Array.from(document.querySelectorAll('article .cell_output'))
+        .filter(out => Array.from(out.children).filter(c => c.matches('.output.stream')).length > 1)
+        .map(out => out.innerText.trim().slice(0, 60))""")
+    assert split == []
+
+
+@pytest.mark.parametrize("rel", ["book/intro.html", *CHAPTERS])
+def test_glued_numbers_and_captions_read_like_the_text(loaded, rel):
+    """Glued numbers in the body's weight; captions in a readable weight and colour."""
+    page = loaded(rel).page
+    found = page.evaluate("""() => {
+        const body = getComputedStyle(document.querySelector('article section > p'));
+        const glued = Array.from(document.querySelectorAll('article p span.pasted-text'))
+            .map(el => getComputedStyle(el).fontWeight).filter(w => w !== body.fontWeight);
+        const captions = Array.from(document.querySelectorAll('article figcaption .caption-text'))
+            .map(el => getComputedStyle(el)).filter(cs => Number(cs.fontWeight) < 400 || cs.color !== body.color)
+            .map(cs => [cs.fontWeight, cs.color]);
+        return {glued, captions};
+    }""")
+    assert found == {"glued": [], "captions": []}
+
+
+def test_citations_read_author_and_year(loaded):
+    """Citations are author-year, as _config.yml asks, not alpha labels like [HSW+22]."""
+    text = loaded("book/intro.html").page.inner_text("article")
+    assert "Hu et al., 2022" in text and "HSW+22" not in text
