@@ -63,7 +63,7 @@ class ModuleToSave(nn.Module):
 
     @property
     def active(self) -> nn.Module:
-        """The module the forward pass uses: ``trained``, or ``original_module`` while disabled."""
+        """The module that the forward pass uses (``trained``, or ``original_module`` while disabled)."""
         return self.trained if self._adapter_enabled else self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -100,7 +100,7 @@ __all__ = [
     "tuned",
 ]
 
-#: The dtype of every tensor of the chapter: data, networks, adapters.
+#: The dtype of every tensor of the chapter (data, networks, adapters).
 DTYPE = torch.float64
 #: The seed of the fixed training/validation/test split (every lab shares it).
 SPLIT_SEED = 0
@@ -223,7 +223,7 @@ class Arm:
         rslora: scale ``alpha / sqrt(r)`` instead of ``alpha / r``.
         zero: which factor starts at zero: ``"B"`` (the usual start, ``A``
             Kaiming-uniform) or ``"A"`` (the mirror image, ``B`` drawn by
-            :func:`lora_tutorial.mirror_init_`).
+            :func:`~lora_tutorial.layers.mirror_init_`).
         b_lr_ratio: ``B``'s learning rate over everything else's (LoRA+).
     """
 
@@ -257,7 +257,7 @@ class Arm:
 
     @property
     def name(self) -> str:
-        """A short label: ``"head"``, ``"full"`` or ``"LoRA r=4"`` and what differs."""
+        """A short label (``"head"``, ``"full"`` or ``"LoRA r=4"``) and what differs."""
         if self.method != "lora":
             return self.method
         parts = [f"LoRA r={self.r}"]
@@ -502,7 +502,7 @@ def _grid(start: float, factor: float, n: int) -> tuple[float, ...]:
     return tuple(float(f"{start * factor**k:.4g}") for k in range(n))
 
 
-#: The chapter's seeds: seed ``k`` pretrains from ``1 + k`` and adapts from ``100 + k``.
+#: The chapter's seeds; seed ``k`` pretrains from ``1 + k`` and adapts from ``100 + k``.
 SEEDS = (0, 1, 2, 3, 4)
 #: 1, 2, 5 per decade, 0.001 to 0.2.
 LRS = (1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1)
@@ -559,7 +559,7 @@ def _arm_to_json(arm: Arm) -> dict[str, object]:
     return d
 
 
-#: The kernels of the second run of the sweeps: PyTorch's plain (non-SIMD) code.
+#: The kernels of the second run of the sweeps, PyTorch's plain (non-SIMD) code.
 OTHER_KERNELS = {"ATEN_CPU_CAPABILITY": "default"}
 #: Runs of that second run that differ from the first by more than this are stored.
 OTHER_TOLERANCE = 1e-9
@@ -740,7 +740,7 @@ def first_step(lab: DigitsLab, ranks: Sequence[int], *, rslora: bool, alpha: flo
 
 #: The learning rate of the runs whose updates claim 7 compares.
 SIMILARITY_LR = 1e-2
-#: Their ranks: 4 against 16 (one seed), 8 against 8 (two seeds).
+#: Their ranks, 4 against 16 (one seed) and 8 against 8 (two seeds).
 SIMILARITY_RANKS = (4, 8, 16)
 
 

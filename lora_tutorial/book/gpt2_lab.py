@@ -42,6 +42,7 @@ __all__ = [
     "GPT2Lab",
     "LRS",
     "MAIN",
+    "OLD_VAL_CHARS",
     "SEEDS",
     "STEPS",
     "SWEEPS_PATH",
@@ -63,10 +64,10 @@ SWEEPS_PATH = Path(__file__).parent / "data" / "gpt2_sweeps.json"
 #: How many characters of the old corpus's validation text every loss is measured on.
 OLD_VAL_CHARS = 8192
 
-#: The chapter's main run: every linear map at rank 8, alpha 16.
+#: The chapter's main run, every linear map at rank 8, alpha 16.
 MAIN = {"targets": "all-linear", "r": 8, "alpha": 16.0, "steps": 150, "lr": 1e-2, "seed": 0}
 
-#: Four ways to spend 7,680 trainable parameters: (target modules, rank). Alpha is 2r.
+#: Four ways to spend 7,680 trainable parameters, as (target modules, rank); alpha is 2r.
 ARMS: dict[str, tuple[tuple[str, ...], int]] = {
     "attention r=10": (("c_attn", "attn.c_proj"), 10),
     "MLP r=6": (("c_fc", "mlp.c_proj"), 6),
@@ -183,12 +184,12 @@ class GPT2Lab:
 
     @property
     def tune(self) -> torch.Tensor:
-        """The first half of the new validation text: learning rates are picked on it."""
+        """The first half of the new validation text, on which learning rates are picked."""
         return self.new.val[: len(self.new.val) // 2]
 
     @property
     def test(self) -> torch.Tensor:
-        """The second half of the new validation text: learning is reported on it."""
+        """The second half of the new validation text, on which learning is reported."""
         return self.new.val[len(self.new.val) // 2:]
 
     def losses(self, model: nn.Module) -> dict[str, float]:

@@ -45,8 +45,11 @@ __all__ = [
     "decide_within",
 ]
 
+#: The outcome of a claim every seed (or the mean beyond the spread) favours.
 HOLDS = "holds"
+#: The outcome of a claim every seed (or the mean beyond the spread) goes against.
 FAILS = "does not hold"
+#: The outcome of a claim neither way decided.
 INCONCLUSIVE = "inconclusive at this scale"
 
 #: The fewest seeds a verdict may rest on.
