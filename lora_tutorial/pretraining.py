@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from ._checks import as_generator, check_bool, check_positive_int, check_positive_finite
 from .data import AdaptationTask, make_adaptation_task
 from .models import TinyAdapter
-from .training import train
+from .training import _check_data, train
 
 __all__ = [
     "CHECKPOINT_PATH",
@@ -42,8 +43,7 @@ HEAD_PRETRAINED_PATH = CHECKPOINT_PATH.with_name("tiny_adapter_head_pretrained.s
 
 
 def _checkpoint_path(train_head: bool) -> Path:
-    if not isinstance(train_head, bool):
-        raise TypeError(f"train_head must be True or False, got {train_head!r}")
+    check_bool("train_head", train_head)
     return HEAD_PRETRAINED_PATH if train_head else CHECKPOINT_PATH
 
 
@@ -79,12 +79,29 @@ def pretrain(
 
     Returns:
         The loss history.
+
+    Raises:
+        TypeError, ValueError: for a bad argument, before the model changes
+            (which parameters train included).
     """
+    if not isinstance(model, TinyAdapter):
+        raise TypeError(f"model must be a TinyAdapter, got {type(model).__name__}")
+    check_bool("train_head", train_head)
+    check_positive_int("steps", steps)
+    check_positive_finite("lr", lr)
+    as_generator(seed)
+    _check_data(x, y)
+    flags = [p.requires_grad for p in model.parameters()]
     model.backbone.requires_grad_(True)
     model.head.requires_grad_(False)
     model.head.base.requires_grad_(train_head)
-    with model.head.disable_adapter():
-        return train(model, x, y, steps=steps, lr=lr, seed=seed)
+    try:
+        with model.head.disable_adapter():
+            return train(model, x, y, steps=steps, lr=lr, seed=seed)
+    except (TypeError, ValueError):  # refused before any step: give the flags back
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        raise
 
 
 #: How many of the pretraining's first losses a checkpoint records.

@@ -31,6 +31,26 @@ def test_pretrain_trains_what_it_says(train_head):
     assert torch.equal(after["head.lora_B"], before["head.lora_B"])
 
 
+@pytest.mark.parametrize("bad, error, words", [
+    (dict(steps=0), ValueError, "steps"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(train_head="no"), TypeError, "train_head"),
+    (dict(y=torch.zeros(256, 3)), ValueError, "shape"),  # found at the first step
+])
+def test_pretrain_refuses_bad_arguments_leaving_what_trains_as_it_was(bad, error, words):
+    task, model = lt.source_setup()
+    model.requires_grad_(False)
+    model.head.lora_A.requires_grad_(True)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    args = dict(x=task.x_train[:256], y=task.y_old_train[:256], steps=5)
+    args.update(bad)
+    with pytest.raises(error, match=words):
+        lt.pretrain(model, args.pop("x"), args.pop("y"), **args)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+
+
 def test_pretrained_checkpoint_loads_ready_for_fine_tuning():
     task, model = lt.pretrained_tiny_adapter()
     assert lt.count_parameters(model).trainable == 2176
