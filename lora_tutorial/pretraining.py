@@ -47,14 +47,15 @@ def _checkpoint_path(train_head: bool) -> Path:
     return HEAD_PRETRAINED_PATH if train_head else CHECKPOINT_PATH
 
 
-def source_setup(seed: int = 0) -> tuple[AdaptationTask, TinyAdapter]:
+def source_setup(seed: int | torch.Generator = 0) -> tuple[AdaptationTask, TinyAdapter]:
     """The source's data and model, drawn from one stream as its code does.
 
     ``make_task_matrices`` (whose seed the source fixes at 0), the training and
     validation inputs, and then a fresh ``TinyAdapter`` all draw from one
-    generator seeded with ``seed``.
+    generator: seeded with ``seed`` if it is an ``int``, or ``seed`` itself
+    (drawn from and advanced) if it is a ``torch.Generator``.
     """
-    stream = torch.Generator().manual_seed(seed)
+    stream = as_generator(seed)
     task = make_adaptation_task(seed=stream)
     model = TinyAdapter(seed=stream)
     return task, model

@@ -18,6 +18,16 @@ def test_source_setup_is_the_sources_stream(global_rng_untouched):
     assert torch.equal(task.x_val, again_task.x_val)
 
 
+def test_source_setup_takes_an_int_or_a_generator(global_rng_untouched):
+    task, model = lt.source_setup(seed=3)
+    g_task, g_model = lt.source_setup(seed=torch.Generator().manual_seed(3))
+    assert torch.equal(task.x_train, g_task.x_train)
+    assert torch.equal(model.backbone.weight, g_model.backbone.weight)
+    for bad, error in ((1.5, TypeError), (True, TypeError), (-1, ValueError)):
+        with pytest.raises(error, match="seed"):
+            lt.source_setup(seed=bad)
+
+
 @pytest.mark.parametrize("train_head", [False, True])
 def test_pretrain_trains_what_it_says(train_head):
     task, model = lt.source_setup()
