@@ -112,7 +112,7 @@ def test_figures_have_captions_titles_and_labels(path):
 # figures, one output per printout). Their tests are expected to fail until then; a
 # chapter's author removes it from this list when restyling it (the tests then XPASS).
 NOT_YET_RESTYLED = {"04_parameter_efficiency", "05_lora_on_real_data", "07_lora_on_a_language_model",
-                    "08_qlora", "09_dora_and_many_adapters"}
+                    "08_qlora"}
 STYLED = [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(reason="not yet restyled (issue 21)", strict=False)]
                        if p.stem in NOT_YET_RESTYLED else []) for p in NOTEBOOKS]
 
