@@ -447,6 +447,23 @@ def test_figures_are_drawn_for_the_column(loaded, rel):
 
 
 @pytest.mark.parametrize("rel", styled(CHAPTERS))
+def test_figures_keep_their_proportions_on_a_phone(on_phone, rel):
+    """At 390 px a figure shrinks as a whole: its height shrinks with its width (myst-nb's inline
+    height once held it at its drawn height, squeezing every figure sideways)."""
+    page = on_phone(rel).page
+    squeezed = page.evaluate("""async () => {
+        const images = Array.from(document.querySelectorAll('article figure img'));
+        for (const img of images) { img.loading = 'eager'; }
+        await Promise.all(images.map(img => img.decode().catch(() => null)));
+        return images.filter(img => img.offsetParent !== null && img.naturalWidth > 0)
+            .map(img => [img.src.split('/').pop().slice(0, 20), img.clientWidth, img.clientHeight,
+                         img.naturalHeight / img.naturalWidth])
+            .filter(([, w, h, ratio]) => Math.abs(h / w - ratio) > 0.02 * ratio);
+    }""")
+    assert squeezed == [], f"{rel} at 390 px: figures out of proportion (name, width, height, drawn h/w): {squeezed}"
+
+
+@pytest.mark.parametrize("rel", styled(CHAPTERS))
 def test_alt_text_says_what_the_figure_shows(loaded, rel):
     """Alt text is a description, not the image's (hash) file name."""
     alts = loaded(rel).page.evaluate("""() => Array.from(document.querySelectorAll('article img'))
