@@ -327,9 +327,9 @@ def test_code_blocks_hold_80_characters(browser):
 
 # --- The book's look (issue 21): what the restyled pages promise, page by page. -----------------
 #
-# Chapters 4, 5 and 7 are not yet restyled: their tests below are expected to fail until their
+# Chapters 4 and 7 are not yet restyled: their tests below are expected to fail until their
 # authors restyle them (remove a chapter from NOT_YET_RESTYLED then; its tests XPASS meanwhile).
-NOT_YET_RESTYLED = {"notebooks/04_parameter_efficiency.html", "notebooks/05_lora_on_real_data.html", "notebooks/07_lora_on_a_language_model.html"}
+NOT_YET_RESTYLED = {"notebooks/04_parameter_efficiency.html", "notebooks/07_lora_on_a_language_model.html"}
 PHONE = {"width": 390, "height": 844}  # a phone held upright, in CSS pixels
 
 
@@ -442,6 +442,23 @@ def test_figures_are_drawn_for_the_column(loaded, rel):
     assert len(sizes) >= 2, f"{rel} has {len(sizes)} figure(s)"
     squeezed = [(drawn, shown) for drawn, shown in sizes if not drawn or shown < 0.9 * float(drawn)]
     assert squeezed == [], f"{rel}: figures shown smaller than drawn, or with no size: {squeezed}"
+
+
+@pytest.mark.parametrize("rel", styled(CHAPTERS))
+def test_figures_keep_their_proportions_on_a_phone(on_phone, rel):
+    """At 390 px a figure shrinks as a whole: its height shrinks with its width (myst-nb's inline
+    height once held it at its drawn height, squeezing every figure sideways)."""
+    page = on_phone(rel).page
+    squeezed = page.evaluate("""async () => {
+        const images = Array.from(document.querySelectorAll('article figure img'));
+        for (const img of images) { img.loading = 'eager'; }
+        await Promise.all(images.map(img => img.decode().catch(() => null)));
+        return images.filter(img => img.offsetParent !== null && img.naturalWidth > 0)
+            .map(img => [img.src.split('/').pop().slice(0, 20), img.clientWidth, img.clientHeight,
+                         img.naturalHeight / img.naturalWidth])
+            .filter(([, w, h, ratio]) => Math.abs(h / w - ratio) > 0.02 * ratio);
+    }""")
+    assert squeezed == [], f"{rel} at 390 px: figures out of proportion (name, width, height, drawn h/w): {squeezed}"
 
 
 @pytest.mark.parametrize("rel", styled(CHAPTERS))
