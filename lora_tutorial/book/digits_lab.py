@@ -538,7 +538,10 @@ SWEEPS: dict[str, SweepSpec] = {spec.name: spec for spec in (
               LRS),
 )}
 
-#: Where tools/make_digits_sweeps.py stores the sweeps' results.
+#: Where ``tools/make_digits_sweeps.py`` stores the sweeps' results:
+#: ``book/data/digits_sweeps.json`` in the package.
+#:
+#: :meta hide-value:
 SWEEPS_FILE = Path(__file__).resolve().parent / "data" / "digits_sweeps.json"
 
 

@@ -62,7 +62,10 @@ __all__ = [
 #: The range of the alpha slider (2**-2 to 2**8, on a log scale).
 ALPHA_RANGE = (2.0**-2, 2.0**8)
 SCALINGS = {"α/r": False, "α/√r": True}
-#: The results file of chapter 4's sweep (``tools/make_rank_alpha_sweep.py`` writes it).
+#: The results file of chapter 4's sweep (``tools/make_rank_alpha_sweep.py`` writes it):
+#: ``book/data/rank_alpha_sweep.json`` in the package.
+#:
+#: :meta hide-value:
 SWEEP_PATH = Path(__file__).parent / "data" / "rank_alpha_sweep.json"
 
 

@@ -58,7 +58,10 @@ __all__ = [
     "tuned",
 ]
 
-#: Where ``tools/make_gpt2_sweeps.py`` writes the chapter's sweep results.
+#: Where ``tools/make_gpt2_sweeps.py`` writes the chapter's sweep results:
+#: ``book/data/gpt2_sweeps.json`` in the package.
+#:
+#: :meta hide-value:
 SWEEPS_PATH = Path(__file__).parent / "data" / "gpt2_sweeps.json"
 
 #: How many characters of the old corpus's validation text every loss is measured on.

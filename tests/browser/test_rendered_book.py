@@ -35,8 +35,8 @@ def toc_chapters() -> list[str]:
 
 
 CHAPTERS = toc_chapters()
-PAGES = ["book/intro.html", *CHAPTERS, "book/api.html", "book/benchmarks.html", "book/bibliography.html",
-         "genindex.html", "py-modindex.html"]
+PAGES = ["book/intro.html", *CHAPTERS, "book/api.html", "book/reproducibility.html", "book/verdicts.html",
+         "book/benchmarks.html", "book/bibliography.html", "genindex.html", "py-modindex.html"]
 # Pages checked on their own: the root redirect, and the search page (no <article>; it needs a query).
 SPECIAL = ["index.html", "search.html"]
 LOCAL = re.compile(r"^(file|data|blob|about):")
