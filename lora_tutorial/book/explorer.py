@@ -615,10 +615,12 @@ class ExplorerFigure:
         """What the figure shows for ``result``, in words (the alt text of its image)."""
         rule = "α/√r" if result.rslora else "α/r"
         sv = result.learned_sv
+        values = (f"one singular value is {sv[0]:.2f}" if len(sv) == 1 else
+                  f"{len(sv)} singular values run from {sv[0]:.2f} down to {sv[-1]:.2f}")
         return (f"Rank {result.rank}, α = {result.alpha:g}, scaling {rule} = {result.scaling:.3g}: the training "
                 f"loss goes from {result.history[0]:.2f} at step 0 to {result.final_loss:.3f} after "
                 f"{len(result.history) - 1} steps, against the best possible {result.best_loss:.3f}; the "
-                f"learned update's {len(sv)} singular values run from {sv[0]:.2f} down to {sv[-1]:.2f}.")
+                f"learned update's {values}.")
 
     def _pixels(self) -> np.ndarray:
         return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
