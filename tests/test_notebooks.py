@@ -111,7 +111,7 @@ def test_figures_have_captions_titles_and_labels(path):
 # Chapters not yet restyled for issue 21 (figure style, alt text, numbered citations of
 # figures, one output per printout). Their tests are expected to fail until then; a
 # chapter's author removes it from this list when restyling it (the tests then XPASS).
-NOT_YET_RESTYLED = {"04_parameter_efficiency"}
+NOT_YET_RESTYLED: set[str] = set()  # every chapter is restyled
 STYLED = [pytest.param(p, id=p.stem, marks=[pytest.mark.xfail(reason="not yet restyled (issue 21)", strict=False)]
                        if p.stem in NOT_YET_RESTYLED else []) for p in NOTEBOOKS]
 

@@ -23,3 +23,28 @@
     window.MathJax.Hub = { Queue: queue };
   };
 })();
+
+(function () {
+  // An ipywidgets Image carries no alt text; the only text it has is its tooltip (the
+  // `title` attribute). Chapter 4's explorer puts each image's description there
+  // (lora_tutorial.book.explorer): make it the image's alt text, which is what it is,
+  // rather than a tooltip that would cover the figure under the mouse.
+  function describe(root) {
+    var images = root.querySelectorAll ? root.querySelectorAll("img.widget-image[title]") : [];
+    for (var i = 0; i < images.length; i++) {
+      images[i].alt = images[i].getAttribute("title");
+      images[i].removeAttribute("title");
+    }
+  }
+  function watch() {
+    describe(document);
+    new MutationObserver(function () {
+      describe(document);
+    }).observe(document.body, { childList: true, subtree: true, attributes: true, attributeFilter: ["title"] });
+  }
+  if (document.body) {
+    watch();
+  } else {
+    document.addEventListener("DOMContentLoaded", watch);
+  }
+})();

@@ -10,13 +10,15 @@ Four pieces:
   and training lengths, and reads and writes the results file the book ships
   (``tools/make_rank_alpha_sweep.py`` writes it, chapter 4 reads it and checks
   part of it live);
-* :class:`ExplorerFigure` draws one result in one figure: the training curve,
-  the final loss beside the best any rank-``r`` update can reach, and the
-  singular values of the learned update beside those of the task's change;
+* :class:`ExplorerFigure` draws one result in one figure, in the book's style
+  and for its column: the training curve, the final loss beside the best any
+  rank-``r`` update can reach, and the singular values of the learned update
+  beside those of the task's change;
 * :func:`rank_alpha_explorer` (live, in JupyterLab: every move retrains and
   redraws) and :func:`static_rank_alpha_explorer` (for the static book: a grid
-  of results precomputed when the notebook runs, switched by sliders linked to
-  the figures in the browser, with no kernel).
+  of results precomputed when the notebook runs, each stored as what it adds
+  to a shared background, switched by sliders linked to them in the browser,
+  with no kernel).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+import matplotlib as mpl
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -44,6 +47,7 @@ from ..analysis import singular_values
 from ..frozen_features import FeatureStats, best_low_rank_update
 from ..layers import LoRALinear
 from ..pretraining import pretrained_tiny_adapter
+from .style import BOOK_STYLE, COLUMN_PX, COLUMN_WIDTH, DPI, PALETTE, series
 
 __all__ = [
     "ALPHA_RANGE",
@@ -486,7 +490,15 @@ def shipped_rank_alpha_sweep() -> RankAlphaSweep:
 
 
 class ExplorerFigure:
-    """One figure, three panels, redrawn in place for each :class:`ExplorerResult`.
+    """One figure, three panels, in the book's style, redrawn in place for each :class:`ExplorerResult`.
+
+    It is drawn for the book's column (:data:`~lora_tutorial.book.style.COLUMN_PX`
+    = 672 px wide, the size it is shown at) with the book's fonts, colours and
+    line styles: the training curve across the column, and below it, side by
+    side, the final loss against the best each rank can reach and the singular
+    values of the learned update. ``scale`` is how many image pixels it stores
+    per pixel of the page: 2 (the static book's) stays sharp on high-resolution
+    screens; the live explorer draws at 1.5, which is sharp enough and quicker.
 
     The axes, their limits and everything that does not depend on the result
     are drawn once; a new result redraws only its own lines and title on top of
@@ -497,64 +509,81 @@ class ExplorerFigure:
 
     #: The fixed y-range of the training-curve panel (log scale).
     LOSS_RANGE = (0.6, 4.0)
+    #: Heights of the two rows of panels, in inches (100 px each), and of the title.
+    HEIGHTS = (2.45, 2.45)
+    TITLE_HEIGHT = 0.35
 
-    def __init__(self, lab: RankAlphaLab, width: float = 10.0, height: float = 3.4, dpi: int = 80) -> None:
+    def __init__(self, lab: RankAlphaLab, scale: float = 2.0) -> None:
         self.lab = lab
-        self.dpi = dpi
-        self.figure = Figure(figsize=(width, height), dpi=dpi, layout="constrained")
-        self.canvas = FigureCanvasAgg(self.figure)
-        self.ax_curve, self.ax_best, self.ax_sv = self.figure.subplots(1, 3)
+        self.scale = scale
+        self.dpi = DPI * scale
+        self.width_px = round(COLUMN_WIDTH * DPI)  # as shown on the page
+        self._style = {**BOOK_STYLE, "figure.dpi": self.dpi, "savefig.dpi": self.dpi}
+        with mpl.rc_context(self._style):
+            self.figure = Figure(figsize=(COLUMN_WIDTH, sum(self.HEIGHTS) + self.TITLE_HEIGHT), dpi=self.dpi,
+                                 layout="constrained")
+            self.canvas = FigureCanvasAgg(self.figure)
+            axes = self.figure.subplot_mosaic([["curve", "curve"], ["best", "sv"]], height_ratios=self.HEIGHTS)
+            self.ax_curve, self.ax_best, self.ax_sv = axes["curve"], axes["best"], axes["sv"]
+            self._draw_background()
+            self.title = self.figure.suptitle("rank 16, α = 0.25, scaling α/√r = 0.0625", x=0.01, ha="left",
+                                              animated=True)
+            self.canvas.draw()  # lay out once, then freeze the layout and keep the background
+            self.figure.set_layout_engine("none")
+            self.canvas.draw()
+        self.background = self.canvas.copy_from_bbox(self.figure.bbox)
+        self._animated = [self.curve, self.best_line, self.final_marker, self.sv_markers, self.title,
+                          self.curve_title]
+
+    def _draw_background(self) -> None:
+        lab = self.lab
         ranks = np.arange(1, lab.max_rank + 1)
         best = np.array([lab.best_loss(int(r)) for r in ranks])
-        plain = ScalarFormatter()
+        green = PALETTE[2]
 
         ax = self.ax_curve
-        (self.curve,) = ax.plot([], [], color="C0", label="training loss (eval mode)", animated=True)
-        self.best_line = ax.axhline(best[0], color="C2", ls="--", label="best possible at this rank", animated=True)
+        (self.curve,) = ax.plot([], [], label="this adapter's training loss (eval mode)", animated=True,
+                                **series(0))
+        self.best_line = ax.axhline(best[0], color=green, ls="--", lw=1.5, animated=True,
+                                    label="the best any update of this rank can reach")
         ax.set_yscale("log")
         ax.set_ylim(*self.LOSS_RANGE)
-        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_yticks([0.6, 0.8, 1.0, 1.5, 2.0, 3.0, 4.0])
         ax.set_xlim(0, lab.steps)
         ax.set_xlabel("training step")
-        ax.set_ylabel("training loss (MSE, log scale)")
-        ax.set_title("Training curve")
-        ax.legend(handles=[self.curve, self.best_line], loc="upper right", fontsize=8)
+        ax.set_ylabel("training loss (MSE, log)")
+        self.curve_title = ax.set_title("Training curve: final loss 0.000, the best possible 0.000",
+                                        animated=True)
+        ax.legend(handles=[self.curve, self.best_line], loc="upper right")
 
         ax = self.ax_best
-        ax.plot(ranks, best, "o-", color="C2", ms=3, label="best any rank-r update can do")
-        (self.final_marker,) = ax.plot([], [], "*", color="C3", ms=14, label="this adapter", animated=True)
+        ax.plot(ranks, best, color=green, ls="--", marker="o", ms=3.5, lw=1.5, label="best at each rank")
+        (self.final_marker,) = ax.plot([], [], "*", color=PALETTE[1], ms=15, mec="white", mew=0.8,
+                                       label="this adapter", animated=True)
         ax.set_ylim(best.min() * 0.92, max(best.max() * 1.15, 2.0))
         ax.set_xlim(0.5, lab.max_rank + 0.5)
+        ax.set_xticks([1, 4, 8, 12, 16])
         ax.set_xlabel("rank r")
-        ax.set_ylabel("final training loss (MSE)")
-        ax.set_title("Final loss vs the best possible")
-        ax.legend(handles=[ax.lines[0], self.final_marker], loc="upper right", fontsize=8)
+        ax.set_ylabel("final training loss")
+        ax.set_title("Final loss, and the best by rank")
+        ax.legend(handles=[ax.lines[0], self.final_marker], loc="upper right", handletextpad=0.4)
 
         ax = self.ax_sv
         k = len(lab.true_sv)
         index = np.arange(1, k + 1)
-        ax.plot(index, lab.true_sv, "k--", lw=1, label="teacher's change")
-        ax.plot(index, lab.full_rank_sv, ":", color="C2", lw=1.5, label="best full-rank change")
-        (self.sv_markers,) = ax.plot([], [], "o", color="C3", ms=5, label="learned ΔW", animated=True)
-        self.sv_top = 1.15 * max(lab.true_sv.max(), lab.full_rank_sv.max())
+        ax.plot(index, lab.true_sv, color="black", ls="--", lw=1.2, label="teacher's change")
+        ax.plot(index, lab.full_rank_sv, color=green, ls=":", lw=2.0, label="best full-rank change")
+        (self.sv_markers,) = ax.plot([], [], "o", color=PALETTE[1], ms=5, label="learned ΔW", animated=True)
+        self.sv_top = 1.5 * max(lab.true_sv.max(), lab.full_rank_sv.max())  # room for the legend
         ax.set_ylim(0, self.sv_top)
         ax.set_xlim(0.5, k + 0.5)
+        ax.set_xticks([1, 4, 8, 12, 16])
         ax.set_xlabel("index (largest first)")
         ax.set_ylabel("singular value")
         ax.set_title("Singular values of ΔW")
-        ax.legend(handles=[ax.lines[0], ax.lines[1], self.sv_markers], loc="upper right", fontsize=8)
-        for axis in (self.ax_curve, self.ax_best, self.ax_sv):
-            axis.grid(True, alpha=0.3)
-
-        self.title = self.figure.suptitle("rank 16, α = 256, scaling α/√r = 64: final loss 0.000", fontsize=10,
-                                          animated=True)
-        self.canvas.draw()  # lay out once, then freeze the layout and keep the background
-        self.figure.set_layout_engine("none")
-        self.canvas.draw()
-        self.background = self.canvas.copy_from_bbox(self.figure.bbox)
-        self._animated = [self.curve, self.best_line, self.final_marker, self.sv_markers, self.title]
+        ax.legend(handles=[ax.lines[0], ax.lines[1], self.sv_markers], loc="upper right", handletextpad=0.4)
 
     def show(self, result: ExplorerResult) -> Figure:
         """Redraw the figure for ``result``; returns the figure."""
@@ -565,23 +594,75 @@ class ExplorerFigure:
         self.final_marker.set_data([result.rank], [np.clip(result.final_loss, bottom, top)])
         self.sv_markers.set_data(np.arange(1, result.rank + 1), np.clip(result.learned_sv, 0, self.sv_top))
         rule = "α/√r" if result.rslora else "α/r"
-        self.title.set_text(
-            f"rank {result.rank}, α = {result.alpha:g}, scaling {rule} = {result.scaling:.3g}: "
-            f"final loss {result.final_loss:.3f} (best possible {result.best_loss:.3f})"
-        )
+        self.title.set_text(f"rank {result.rank}, α = {result.alpha:g}, scaling {rule} = {result.scaling:.3g}")
+        self.curve_title.set_text(f"Training curve: final loss {result.final_loss:.3f}, "
+                                  f"the best possible {result.best_loss:.3f}")
         self.canvas.restore_region(self.background)
-        for artist in self._animated:
-            self.figure.draw_artist(artist)
+        with mpl.rc_context(self._style):
+            for artist in self._animated:
+                self.figure.draw_artist(artist)
         return self.figure
 
-    def png(self, result: ExplorerResult, colors: int = 96) -> bytes:
-        """The figure for ``result`` as a palette PNG (``colors`` colours) in bytes."""
-        self.show(result)
-        rgba = np.asarray(self.canvas.buffer_rgba())
-        image = PILImage.fromarray(rgba[..., :3]).quantize(colors=colors, method=PILImage.Quantize.MEDIANCUT)
+    def describe(self) -> str:
+        """What the figure shows whatever the setting, in words (the alt text of its background)."""
+        lab = self.lab
+        return (f"Three panels. Top: the adapter's training loss over {lab.steps} steps on a log scale, with a "
+                "dashed green line at the lowest loss any update of its rank can reach. Bottom left: that "
+                f"lowest loss for each rank from 1 to {lab.max_rank} (green, falling from "
+                f"{lab.best_loss(1):.2f} to {lab.best_loss(lab.max_rank):.2f}) and the adapter's final loss "
+                "as a star at its rank. Bottom right: the singular values of the teacher's change (black, "
+                "dashed), of the best full-rank change (green, dotted) and of the learned update (dots).")
+
+    @staticmethod
+    def describe_result(result: ExplorerResult) -> str:
+        """What the figure shows for ``result``, in words (the alt text of its image)."""
+        rule = "α/√r" if result.rslora else "α/r"
+        sv = result.learned_sv
+        values = (f"one singular value is {sv[0]:.2f}" if len(sv) == 1 else
+                  f"{len(sv)} singular values run from {sv[0]:.2f} down to {sv[-1]:.2f}")
+        return (f"Rank {result.rank}, α = {result.alpha:g}, scaling {rule} = {result.scaling:.3g}: the training "
+                f"loss goes from {result.history[0]:.2f} at step 0 to {result.final_loss:.3f} after "
+                f"{len(result.history) - 1} steps, against the best possible {result.best_loss:.3f}; the "
+                f"learned update's {values}.")
+
+    def _pixels(self) -> np.ndarray:
+        return np.asarray(self.canvas.buffer_rgba())[..., :3].copy()
+
+    @staticmethod
+    def _encode(image: PILImage.Image, colors: int) -> bytes:
+        # Fast octree quantisation: a few milliseconds where median cut takes tens.
+        image = image.quantize(colors=colors, method=PILImage.Quantize.FASTOCTREE)
         buffer = io.BytesIO()
         image.save(buffer, format="png", optimize=False)
         return buffer.getvalue()
+
+    def png(self, result: ExplorerResult, colors: int = 64) -> bytes:
+        """The figure for ``result`` as a palette PNG (``colors`` colours) in bytes."""
+        self.show(result)
+        return self._encode(PILImage.fromarray(self._pixels()), colors)
+
+    def background_png(self, colors: int = 64) -> bytes:
+        """What every result's figure shares (axes, labels, the curves that do not move) as a PNG."""
+        self.canvas.restore_region(self.background)
+        return self._encode(PILImage.fromarray(self._pixels()), colors)
+
+    def overlay_png(self, result: ExplorerResult, colors: int = 64) -> bytes:
+        """Only what ``result`` adds to :meth:`background_png`, transparent elsewhere, as a PNG.
+
+        Laid exactly over the background image, it shows the figure :meth:`png`
+        draws: every pixel that differs from the background is stored, opaque,
+        and every other one is transparent. The static explorer stores one
+        background and 60 of these, which are a fifth of the size of whole figures.
+        """
+        self.canvas.restore_region(self.background)
+        background = self._pixels()
+        self.show(result)
+        pixels = self._pixels()
+        changed = (pixels != background).any(axis=2)
+        rgba = np.zeros(pixels.shape[:2] + (4,), dtype=np.uint8)
+        rgba[changed, :3] = pixels[changed]
+        rgba[changed, 3] = 255
+        return self._encode(PILImage.fromarray(rgba, "RGBA"), colors)
 
 
 class RankAlphaExplorer:
@@ -591,11 +672,14 @@ class RankAlphaExplorer:
     a slider move calls; it returns the seconds the move took.
     """
 
+    #: How many image pixels its figure stores per page pixel (sharp, and quick to draw).
+    SCALE = 1.5
+
     def __init__(self, lab: RankAlphaLab | None = None, rank: int = 8, alpha: float = 16.0) -> None:
         import ipywidgets as w
 
         self.lab = lab or RankAlphaLab.from_checkpoint()
-        self.drawing = ExplorerFigure(self.lab)
+        self.drawing = ExplorerFigure(self.lab, scale=self.SCALE)
         self._png: dict[tuple[int, float, bool], bytes] = {}
         self.rank = w.IntSlider(value=rank, min=1, max=self.lab.max_rank, description="rank r", continuous_update=False)
         self.alpha = w.FloatLogSlider(
@@ -603,7 +687,7 @@ class RankAlphaExplorer:
             description="alpha α", continuous_update=False, readout_format=".3g",
         )
         self.scaling = w.ToggleButtons(options=list(SCALINGS), value="α/r", description="scaling")
-        self.image = w.Image(format="png", layout=w.Layout(max_width="100%", height="auto"))
+        self.image = w.Image(format="png", layout=w.Layout(width="100%", max_width=f"{COLUMN_PX}px", height="auto"))
         self.status = w.HTML()
         for control in (self.rank, self.alpha, self.scaling):
             control.observe(self._on_change, names="value")
@@ -642,26 +726,45 @@ def static_rank_alpha_explorer(
     lab: RankAlphaLab | None = None,
     ranks: Sequence[int] = (1, 2, 4, 8, 16),
     alphas: Sequence[float] = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0),
-    dpi: int = 80,
+    scale: float = 2.0,
 ):
     """Sliders that work without a kernel: a precomputed grid of figures, switched in the browser.
 
-    Every (scaling, rank, alpha) combination is computed now and drawn as a PNG.
-    The figures sit in nested ``ipywidgets.Stack`` widgets (scaling → rank →
-    alpha); each control's ``index`` is ``jslink``-ed to the ``selected_index``
-    of the stacks at its level, so moving a control switches figures in the
-    browser, from the widget state saved in the notebook.
+    Every (scaling, rank, alpha) combination is computed now and drawn. What
+    every figure shares (axes, labels, the curves that do not move) is stored
+    once, as a background image; each combination stores only what it adds
+    (:meth:`ExplorerFigure.overlay_png`), laid over the background in the same
+    cell of a ``GridBox``. The overlays sit in nested ``ipywidgets.Stack``
+    widgets (scaling → rank → alpha); each control's ``index`` is ``jslink``-ed
+    to the ``selected_index`` of the stacks at its level, so moving a control
+    switches figures in the browser, from the widget state saved in the
+    notebook. Each image's description is its tooltip (the only text an
+    ``ipywidgets.Image`` carries), which the book turns into its alt text
+    (``book/js/widgets-setup.js``).
 
     Returns:
-        An ``ipywidgets.VBox``; ``len(ranks) * len(alphas) * 2`` PNGs inside.
+        An ``ipywidgets.VBox``: the sliders, the scaling toggle, and a
+        ``GridBox`` holding the background image and the stacks of
+        ``len(ranks) * len(alphas) * 2`` overlays.
     """
     import ipywidgets as w
+
+    from traitlets import Unicode
+
+    class DescribedImage(w.Image):
+        """An image whose tooltip shows: ipywidgets sets a view's tooltip only when its model has
+        an empty ``description``, and an ``Image`` has none at all (its view then fails to render)."""
+
+        description = Unicode("").tag(sync=True)
 
     lab = lab or RankAlphaLab.from_checkpoint()
     lab.run_many([(rank, alpha, rslora) for rslora in SCALINGS.values()
                   for rank in ranks for alpha in alphas])  # trained together, rank by rank
-    drawing = ExplorerFigure(lab, dpi=dpi)
-    fit = w.Layout(max_width="100%", height="auto")
+    drawing = ExplorerFigure(lab, scale=scale)
+
+    def fill(**kwargs):  # every box and image fills the figure's cell exactly: no margin, no scrollbar
+        return w.Layout(width="100%", height="auto", margin="0", **kwargs)
+
     # Start at the source's rank 8 and alpha 16 when the grid has them.
     rank_slider = w.SelectionSlider(options=[(str(r), r) for r in ranks], value=8 if 8 in ranks else ranks[0],
                                     description="rank r", continuous_update=True)
@@ -674,19 +777,26 @@ def static_rank_alpha_explorer(
     for rslora in SCALINGS.values():
         by_rank = []
         for rank in ranks:
-            images = [
-                w.Image(value=drawing.png(lab.run(rank, alpha, rslora)), format="png", layout=fit)
-                for alpha in alphas
-            ]
-            by_alpha = w.Stack(images, selected_index=alpha_slider.index)
+            images = []
+            for alpha in alphas:
+                result = lab.run(rank, alpha, rslora)
+                images.append(DescribedImage(value=drawing.overlay_png(result), format="png", layout=fill(),
+                                             tooltip=drawing.describe_result(result)))
+            by_alpha = w.Stack(images, selected_index=alpha_slider.index, layout=fill())
             links.append(w.jslink((alpha_slider, "index"), (by_alpha, "selected_index")))
             by_rank.append(by_alpha)
-        stack = w.Stack(by_rank, selected_index=rank_slider.index)
+        stack = w.Stack(by_rank, selected_index=rank_slider.index, layout=fill())
         links.append(w.jslink((rank_slider, "index"), (stack, "selected_index")))
         by_scaling.append(stack)
-    figures = w.Stack(by_scaling, selected_index=0)
+    figures = w.Stack(by_scaling, selected_index=0, layout=fill(grid_area="figure"))
     links.append(w.jslink((scaling, "index"), (figures, "selected_index")))
-    box = w.VBox([w.HBox([rank_slider, alpha_slider]), scaling, figures])
+    background = DescribedImage(value=drawing.background_png(), format="png", layout=fill(grid_area="figure"),
+                                tooltip=drawing.describe())
+    background.add_class("explorer-background")  # what the browser tests tell from the overlays
+    figure = w.GridBox([background, figures],
+                       layout=w.Layout(grid_template_areas='"figure"', grid_template_columns="100%",
+                                       width="100%", max_width=f"{drawing.width_px}px", overflow="hidden"))
+    box = w.VBox([w.HBox([rank_slider, alpha_slider]), scaling, figure])
     box.links = links  # keep the links alive with the box
     n_figures = 2 * len(ranks) * len(alphas)
     return _with_plain_text(box, f"static rank/alpha explorer: {n_figures} "

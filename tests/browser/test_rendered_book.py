@@ -202,8 +202,18 @@ def test_solutions_fold_and_unfold(loaded, rel):
     body.wait_for(state="hidden", timeout=5_000)
 
 
-VISIBLE_FIGURE = """() => Array.from(document.querySelectorAll('.widget-vbox img'))
+# The explorer's figure: what every setting shares is one background image, and each setting's
+# own lines and titles an overlay laid exactly over it; the sliders switch the overlays.
+VISIBLE_FIGURE = """() => Array.from(document.querySelectorAll('.widget-vbox img:not(.explorer-background)'))
     .filter(img => img.offsetParent !== null && img.naturalWidth > 0).map(img => img.src).join(' ')"""
+OVERLAY_ON_BACKGROUND = """() => {
+    const box = (img) => { const r = img.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; };
+    const shown = Array.from(document.querySelectorAll('.widget-vbox img')).filter(img => img.offsetParent !== null);
+    const background = shown.filter(img => img.classList.contains('explorer-background'));
+    const overlays = shown.filter(img => !img.classList.contains('explorer-background'));
+    return {background: background.map(box), overlays: overlays.map(box),
+            natural: shown.map(img => [img.naturalWidth, img.naturalHeight])};
+}"""
 
 
 def shown_after(page, previous: str) -> str:
@@ -233,6 +243,9 @@ def test_static_sliders_change_the_figure(browser):
     page.wait_for_function(f"() => ({VISIBLE_FIGURE})().startsWith('blob:')", timeout=10_000)
     seen = [page.evaluate(VISIBLE_FIGURE)]
     assert seen[0].count("blob:") == 1, "exactly one figure is shown"
+    layers = page.evaluate(OVERLAY_ON_BACKGROUND)
+    assert len(layers["background"]) == 1 and layers["overlays"] == layers["background"], layers
+    assert len(set(map(tuple, layers["natural"]))) == 1, "the overlay has the background's size"
 
     handles.nth(0).focus()  # rank 8 -> 4
     page.keyboard.press("ArrowLeft")
@@ -327,9 +340,8 @@ def test_code_blocks_hold_80_characters(browser):
 
 # --- The book's look (issue 21): what the restyled pages promise, page by page. -----------------
 #
-# Chapter 4 is not yet restyled: its tests below are expected to fail until its
-# author restyles it (remove a chapter from NOT_YET_RESTYLED then; its tests XPASS meanwhile).
-NOT_YET_RESTYLED = {"notebooks/04_parameter_efficiency.html"}
+# Every chapter is restyled; a chapter listed here would have its tests below expected to fail.
+NOT_YET_RESTYLED: set[str] = set()
 PHONE = {"width": 390, "height": 844}  # a phone held upright, in CSS pixels
 
 
