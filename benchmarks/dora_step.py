@@ -87,12 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"r = {R_DIGITS} on the digits, {R_LAYER} on the layer; {args.rounds} rounds of {args.iters} steps per contender, "
               f"interleaved; medians; {args.threads} thread(s); load average {load:.1f} when started")
     print(f"{_report.machine()}; {header}")
-    lines = ["| setting | LoRA step | DoRA step | DoRA / LoRA |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| setting | LoRA step (ms) | DoRA step (ms) | DoRA / LoRA |",
+             "| --- | ---: | ---: | ---: |"]
     for label, setting in (("digits MLP, every layer, r 4, batch 64, float64 (chapter 9)",
                             digits_setting),
                            ("1024 × 1024 layer, r 8, batch 256, float32", layer_setting)):
         t = measure(setting, args.rounds, args.iters)
-        lines.append(f"| {label} | {1e3 * t['LoRA']:.2f} ms | {1e3 * t['DoRA']:.2f} ms | "
+        lines.append(f"| {label} | {1e3 * t['LoRA']:.2f} | {1e3 * t['DoRA']:.2f} | "
                      f"{t['DoRA'] / t['LoRA']:.2f} |")
     table = "\n".join(lines)
     print(table)
