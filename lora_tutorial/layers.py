@@ -220,7 +220,7 @@ class _LoRABookkeeping(nn.Module):
 
     @property
     def r(self) -> int:
-        """The rank: ``lora_A.shape[0]`` (read-only; build a new layer for another rank)."""
+        """The rank, ``lora_A.shape[0]`` (read-only; build a new layer for another rank)."""
         if "lora_A" in self._parameters:
             return int(self.lora_A.shape[0])
         return self.__dict__["_r"]
@@ -229,8 +229,8 @@ class _LoRABookkeeping(nn.Module):
     def r(self, value: int) -> None:
         self._set_once("r", value)
 
-    in_features = _FixedByTensors("Size of each input sample (read-only: the base layer's).")
-    out_features = _FixedByTensors("Size of each output sample (read-only: the base layer's).")
+    in_features = _FixedByTensors("Size of each input sample, the base layer's (read-only).")
+    out_features = _FixedByTensors("Size of each output sample, the base layer's (read-only).")
     fan_in_fan_out = _FixedByTensors(
         "Whether the base stores its weight ``(in, out)`` (GPT-2's ``Conv1D``; read-only).")
 

@@ -43,6 +43,8 @@ __all__ = [
     "LRS",
     "MAIN",
     "OLD_VAL_CHARS",
+    "SAMPLE_CHARS",
+    "SAMPLE_SEEDS",
     "SEEDS",
     "STEPS",
     "SWEEPS_PATH",
@@ -85,9 +87,11 @@ LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 STEPS = 150
 #: How many training losses of each run the file keeps, for the chapter's spot-check.
 FIRST_STEPS = 25
-#: Sampling temperatures, and the seeds and length of the samples at each.
+#: Sampling temperatures of the temperature experiment.
 TEMPERATURES = (0.1, 0.3, 0.5, 0.7, 1.0, 1.2)
+#: The seeds of the samples drawn at each temperature.
 SAMPLE_SEEDS = tuple(range(8))
+#: The length of each sample, in characters.
 SAMPLE_CHARS = 200
 PROMPT = "The "
 
