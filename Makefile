@@ -13,7 +13,7 @@
 # Other targets:
 #   make notebooks   re-execute every chapter top to bottom and store its outputs
 #   make benchmark   measure speed and rewrite benchmarks/results/*.md (shown in the book's appendix),
-#                    then re-execute chapter 6, which plots and quotes lora_vs_peft.json
+#                    then re-execute chapters 6 and 9, which plot and quote the .json results
 #   make portability run every chapter under the CPU-kernel matrix and report every printed number
 #                    that differs (benchmarks/results/portability.md, in the reproducibility appendix)
 #   make clean       remove build products
@@ -56,7 +56,7 @@ benchmark: $(VENV)/.installed
 	$(BIN)/python benchmarks/mixed_batch.py --markdown benchmarks/results/mixed_batch.md
 	$(BIN)/python benchmarks/dora_step.py --markdown benchmarks/results/dora_step.md
 	$(BIN)/python benchmarks/suite_time.py --markdown benchmarks/results/suite_time.md
-	$(BIN)/python tools/run_notebooks.py notebooks/06_from_scratch_to_peft.ipynb
+	$(BIN)/python tools/run_notebooks.py notebooks/06_from_scratch_to_peft.ipynb notebooks/09_dora_and_many_adapters.ipynb
 
 portability: $(VENV)/.installed
 	$(BIN)/python tools/portability.py --report benchmarks/results/portability.md
