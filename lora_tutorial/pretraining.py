@@ -85,24 +85,29 @@ def pretrain(
         TypeError, ValueError: for a bad argument, before the model changes
             (which parameters train included).
     """
-    if not isinstance(model, TinyAdapter):
-        raise TypeError(f"model must be a TinyAdapter, got {type(model).__name__}")
-    check_bool("train_head", train_head)
-    check_positive_int("steps", steps)
-    check_positive_finite("lr", lr)
-    as_generator(seed)
-    _check_data(x, y)
-    flags = [p.requires_grad for p in model.parameters()]
+    _check_pretrain_arguments(model, x, y, steps=steps, lr=lr,
+                              train_head=train_head, seed=seed)
     model.backbone.requires_grad_(True)
     model.head.requires_grad_(False)
     model.head.base.requires_grad_(train_head)
-    try:
-        with model.head.disable_adapter():
-            return train(model, x, y, steps=steps, lr=lr, seed=seed)
-    except (TypeError, ValueError):  # refused before any step: give the flags back
-        for p, flag in zip(model.parameters(), flags):
-            p.requires_grad_(flag)
-        raise
+    with model.head.disable_adapter():
+        return train(model, x, y, steps=steps, lr=lr, seed=seed)
+
+
+def _check_pretrain_arguments(model: object, x: object, y: object, **settings: object) -> None:
+    """Everything :func:`pretrain` checks before it changes which parameters train."""
+    if not isinstance(model, TinyAdapter):
+        raise TypeError(f"model must be a TinyAdapter, got {type(model).__name__}")
+    check_bool("train_head", settings["train_head"])
+    check_positive_int("steps", settings["steps"])
+    check_positive_finite("lr", settings["lr"])
+    as_generator(settings["seed"])
+    _check_data(x, y)
+    d_in, d_out = model.backbone.in_features, model.head.out_features
+    if x.ndim != 2 or x.shape[1] != d_in or y.shape != (x.shape[0], d_out):
+        raise ValueError(
+            f"pretrain needs x of shape (n, {d_in}) and y of shape (n, {d_out}) for this model, "
+            f"got x {tuple(x.shape)} and y {tuple(y.shape)}")
 
 
 #: How many of the pretraining's first losses a checkpoint records.
