@@ -91,10 +91,13 @@ ARMS: dict[str, tuple[tuple[str, ...], int]] = {
 SEEDS = (0, 1, 2, 3, 4)
 #: The learning-rate grid; each arm's rate is picked per seed on validation text.
 LRS = (1e-3, 3e-3, 1e-2, 3e-2)
-#: The pretraining seed of the second checkpoint (the shipped one's is 0), the
-#: adapter seeds and the arms of the placement runs repeated from it.
+#: The pretraining seed of the second checkpoint (:func:`other_checkpoint`; the
+#: shipped one's is 0).
 OTHER_PRETRAIN_SEED = 1
+#: The adapter seeds of the placement runs repeated from the second checkpoint.
 OTHER_SEEDS = (0, 1, 2)
+#: The arms repeated from the second checkpoint: those of chapter 7's first three
+#: comparisons.
 OTHER_ARMS = ("attention r=10", "MLP r=6", "c_attn r=15", "c_fc r=12")
 #: The length of every placement run (the main run's).
 STEPS = 150
