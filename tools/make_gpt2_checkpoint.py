@@ -1,7 +1,7 @@
 """Rewrite the shipped character-level GPT-2, lora_tutorial/checkpoints/char_gpt2_numpy.safetensors.
 
 It pretrains `lora_tutorial.charlm.char_gpt2` on the docstrings of the installed
-NumPy by the recipe `lora_tutorial.charlm.PRETRAIN` (about a minute or two on one
+NumPy by the recipe `lora_tutorial.charlm.PRETRAIN` (about two minutes on one
 CPU thread) and saves it in float16 with, in the file's metadata, its first
 losses and the model's shape (`model_shape`: `MODEL_SHAPE` and the vocabulary
 size, which `pretrained_char_gpt2` checks, since `n_head` cannot be read off the

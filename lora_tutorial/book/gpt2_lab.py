@@ -7,9 +7,11 @@ the chapter and ``tools/make_gpt2_sweeps.py`` share:
 * :func:`finetune`, the training loop the chapter prints and runs;
 * :class:`GPT2Lab`, the two corpora, the pretrained model in float64 and the
   fixed text slices every run is measured on;
-* the placement experiment (:data:`ARMS`, :func:`placement_run`): four ways of
+* the placement experiment (:data:`ARMS`, :func:`placement_run`): six ways of
   spending one budget of trainable parameters, each run over :data:`SEEDS` at
   every learning rate of :data:`LRS`;
+* the same placement runs, fewer of them, from a second checkpoint pretrained
+  with another seed (:data:`OTHER_PRETRAIN_SEED`, :func:`other_checkpoint`);
 * the temperature experiment (:func:`repeated_word_pairs`) on samples of the
   chapter's fine-tuned model;
 * the results file (:data:`SWEEPS_PATH`) that the tool writes with
@@ -25,7 +27,8 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -43,6 +46,9 @@ __all__ = [
     "LRS",
     "MAIN",
     "OLD_VAL_CHARS",
+    "OTHER_ARMS",
+    "OTHER_PRETRAIN_SEED",
+    "OTHER_SEEDS",
     "SAMPLE_CHARS",
     "SAMPLE_SEEDS",
     "SEEDS",
@@ -53,6 +59,7 @@ __all__ = [
     "finetune",
     "load_sweeps",
     "main_model",
+    "other_checkpoint",
     "make_sweeps",
     "placement_run",
     "recipe",
@@ -72,17 +79,28 @@ OLD_VAL_CHARS = 8192
 #: The chapter's main run, every linear map at rank 8, alpha 16.
 MAIN = {"targets": "all-linear", "r": 8, "alpha": 16.0, "steps": 150, "lr": 1e-2, "seed": 0}
 
-#: Four ways to spend 7,680 trainable parameters, as (target modules, rank); alpha is 2r.
+#: Six ways to spend 7,680 trainable parameters, as (target modules, rank); alpha is 2r:
+#: both matrices of the attention or of the MLP, or one of the four alone.
 ARMS: dict[str, tuple[tuple[str, ...], int]] = {
     "attention r=10": (("c_attn", "attn.c_proj"), 10),
     "MLP r=6": (("c_fc", "mlp.c_proj"), 6),
     "c_attn r=15": (("c_attn",), 15),
     "c_fc r=12": (("c_fc",), 12),
+    "attn.c_proj r=30": (("attn.c_proj",), 30),
+    "mlp.c_proj r=12": (("mlp.c_proj",), 12),
 }
 #: The seeds of the placement runs (each fixes the adapters' start and the batches).
 SEEDS = (0, 1, 2, 3, 4)
 #: The learning-rate grid; each arm's rate is picked per seed on validation text.
 LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+#: The pretraining seed of the second checkpoint (:func:`other_checkpoint`; the
+#: shipped one's is 0).
+OTHER_PRETRAIN_SEED = 1
+#: The adapter seeds of the placement runs repeated from the second checkpoint.
+OTHER_SEEDS = (0, 1, 2)
+#: The arms repeated from the second checkpoint: those of chapter 7's first three
+#: comparisons.
+OTHER_ARMS = ("attention r=10", "MLP r=6", "c_attn r=15", "c_fc r=12")
 #: The length of every placement run (the main run's).
 STEPS = 150
 #: How many training losses of each run the file keeps, for the chapter's spot-check.
@@ -238,6 +256,20 @@ def main_model(lab: GPT2Lab) -> nn.Module:
     return model
 
 
+def other_checkpoint(lab: GPT2Lab) -> tuple[nn.Module, list[float]]:
+    """A second pretrained model: the shipped checkpoint's recipe with another seed.
+
+    Pretrains by :data:`lora_tutorial.charlm.PRETRAIN` with seed
+    :data:`OTHER_PRETRAIN_SEED` (minutes on one CPU thread, in float32), and
+    rounds the weights through float16 as the shipped checkpoint stores them,
+    before the cast to float64. Returns the model (eval mode) and the
+    pretraining losses.
+    """
+    recipe = {**charlm.PRETRAIN, "seed": OTHER_PRETRAIN_SEED}
+    model, history = charlm.pretrain_char_gpt2(lab.old, **recipe)
+    return model.half().double().eval(), history
+
+
 def repeated_word_pairs(text: str) -> float:
     """The share of ``text``'s consecutive word pairs that already occurred earlier in it.
 
@@ -265,30 +297,76 @@ def recipe() -> dict[str, object]:
     return {"arms": {k: [list(t), r] for k, (t, r) in ARMS.items()}, "seeds": list(SEEDS),
             "lrs": list(LRS), "steps": STEPS, "main": MAIN, "temperatures": list(TEMPERATURES),
             "sample_seeds": list(SAMPLE_SEEDS), "sample_chars": SAMPLE_CHARS, "prompt": PROMPT,
-            "old_val_chars": OLD_VAL_CHARS, "versions": {
+            "old_val_chars": OLD_VAL_CHARS,
+            "other": {"pretrain_seed": OTHER_PRETRAIN_SEED, "seeds": list(OTHER_SEEDS),
+                      "arms": list(OTHER_ARMS)}, "versions": {
                 "torch": torch.__version__.split("+")[0], "numpy": np.__version__,
                 "sklearn": sklearn.__version__, "transformers": transformers.__version__}}
 
 
-def make_sweeps(lab: GPT2Lab, progress: Callable[[str], None] | None = None) -> dict[str, object]:
+def make_sweeps(lab: GPT2Lab, progress: Callable[[str], None] | None = None,
+                previous: dict[str, object] | None = None) -> dict[str, object]:
     """Run every placement run and draw every temperature sample: the results file's content.
 
     Runs :data:`ARMS` x :data:`SEEDS` x :data:`LRS` placement runs of
     :data:`STEPS` steps, then :func:`main_model` and its samples at each of
     :data:`TEMPERATURES` (one per seed of :data:`SAMPLE_SEEDS`).
+
+    ``previous``, an earlier results file, saves time when only arms were added:
+    if its recipe equals :func:`recipe` apart from the arms, its runs of arms
+    whose definition is unchanged, and its samples, are kept as they are (every
+    run is a function of its arm, seed and learning rate alone, so a re-run would
+    store the same numbers), and only the missing runs are run; so is the
+    second checkpoint's part if its recipe is unchanged.
+
+    The second checkpoint's part, ``"other"``, holds its first 20 pretraining
+    losses and its placement runs (:data:`OTHER_ARMS` x :data:`OTHER_SEEDS` x
+    :data:`LRS`).
     """
+    kept: dict[tuple[str, int, float], dict[str, object]] = {}
+    samples = other = None
+    now = recipe()
+    if previous is not None:
+        before = previous["recipe"]
+        if {k: v for k, v in before.items() if k not in ("arms", "other")} == \
+                {k: v for k, v in now.items() if k not in ("arms", "other")}:
+            same = {a for a, d in before["arms"].items() if now["arms"].get(a) == d}
+            kept = {(r["arm"], r["seed"], r["lr"]): r for r in previous["placement"]
+                    if r["arm"] in same}
+            samples = previous["samples"]
+            if before.get("other") == now["other"] and same >= set(OTHER_ARMS):
+                other = previous.get("other")
     runs = []
     for seed in SEEDS:
         for arm in ARMS:
             for lr in LRS:
+                if (arm, seed, lr) in kept:
+                    runs.append(kept[arm, seed, lr])
+                    continue
                 runs.append(placement_run(lab, arm, seed, lr))
                 if progress is not None:
                     progress(f"{arm} seed {seed} lr {lr:g}: test {runs[-1]['test']:.4f}")
-    model = main_model(lab)
-    samples = {f"{t:g}": [charlm.generate(model, lab.tokenizer, PROMPT, SAMPLE_CHARS,
-                                          temperature=t, seed=k) for k in SAMPLE_SEEDS]
-               for t in TEMPERATURES}
-    return {"recipe": recipe(), "placement": runs, "samples": samples}
+    if samples is None:
+        model = main_model(lab)
+        samples = {f"{t:g}": [charlm.generate(model, lab.tokenizer, PROMPT, SAMPLE_CHARS,
+                                              temperature=t, seed=k) for k in SAMPLE_SEEDS]
+                   for t in TEMPERATURES}
+    if other is None:
+        start = time.perf_counter()
+        second, history = other_checkpoint(lab)
+        if progress is not None:
+            progress(f"pretrained seed {OTHER_PRETRAIN_SEED} in {time.perf_counter() - start:.0f} s:"
+                     f" last loss {history[-1]:.4f}")
+        lab2 = replace(lab, pretrained=second)
+        other = {"first_pretrain_losses": history[:20], "placement": []}
+        for seed in OTHER_SEEDS:
+            for arm in OTHER_ARMS:
+                for lr in LRS:
+                    other["placement"].append(placement_run(lab2, arm, seed, lr))
+                    if progress is not None:
+                        progress(f"other: {arm} seed {seed} lr {lr:g}: "
+                                 f"test {other['placement'][-1]['test']:.4f}")
+    return {"recipe": now, "placement": runs, "samples": samples, "other": other}
 
 
 def load_sweeps(path: Path = SWEEPS_PATH) -> dict[str, object]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import lora_tutorial as lt
+from lora_tutorial import charlm
 from lora_tutorial.book import gpt2_lab
 
 pytest.importorskip("transformers")
@@ -33,6 +34,10 @@ def test_every_arm_spends_the_same_budget(lab):
     budgets = {arm: lt.count_parameters(gpt2_lab.adapt(lab.pretrained, arm)).trainable
                for arm in gpt2_lab.ARMS}
     assert set(budgets.values()) == {7680}, budgets
+    # both matrices of each kind, and each of the four alone (chapter 7's table)
+    singles = {targets for targets, _ in gpt2_lab.ARMS.values() if len(targets) == 1}
+    assert singles == {("c_attn",), ("attn.c_proj",), ("c_fc",), ("mlp.c_proj",)}
+    assert set(gpt2_lab.OTHER_ARMS) <= set(gpt2_lab.ARMS)
     with pytest.raises(ValueError, match="arm"):
         gpt2_lab.adapt(lab.pretrained, "everything r=1")
 
@@ -105,6 +110,41 @@ def test_the_sweeps_file_follows_its_recipe(sweeps):
     assert set(sweeps["samples"]) == {f"{t:g}" for t in gpt2_lab.TEMPERATURES}
     for texts in sweeps["samples"].values():
         assert [len(t) for t in texts] == [gpt2_lab.SAMPLE_CHARS] * len(gpt2_lab.SAMPLE_SEEDS)
+    other = sweeps["other"]["placement"]
+    assert sorted((r["arm"], r["seed"], r["lr"]) for r in other) == sorted(
+        (a, s, lr) for a in gpt2_lab.OTHER_ARMS for s in gpt2_lab.OTHER_SEEDS
+        for lr in gpt2_lab.LRS)
+    assert {r["trainable"] for r in other} == {7680}
+
+
+def test_the_second_checkpoint_follows_its_recipe(lab, sweeps):
+    # The second checkpoint's pretraining (minutes) is too long for a test; its
+    # first 20 losses are not: they pin its seed and recipe. float32, so not bit
+    # for bit across processors: the same tolerance as the shipped checkpoint's
+    # test in test_charlm.py (measured spread 5.7e-6).
+    first = sweeps["other"]["first_pretrain_losses"]
+    recipe = {**charlm.PRETRAIN, "seed": gpt2_lab.OTHER_PRETRAIN_SEED}
+    _, history = charlm.pretrain_char_gpt2(lab.old, **recipe, stop_after=len(first))
+    assert len(first) == 20
+    assert history == pytest.approx(first, abs=5e-5)
+    _, shipped = charlm.pretrain_char_gpt2(lab.old, **charlm.PRETRAIN, stop_after=3)
+    assert abs(shipped[1] - first[1]) > 1e-3  # another seed: another run
+
+
+def test_make_sweeps_keeps_what_it_may_and_reruns_the_rest(lab, sweeps, monkeypatch):
+    # With only an arm added, make_sweeps re-runs that arm's runs and nothing else.
+    calls = []
+    monkeypatch.setattr(gpt2_lab, "placement_run",
+                        lambda lab, arm, seed, lr: calls.append(arm) or {"arm": arm})
+    monkeypatch.setattr(gpt2_lab, "main_model", lambda lab: pytest.fail("re-sampled"))
+    monkeypatch.setattr(gpt2_lab, "other_checkpoint", lambda lab: pytest.fail("re-pretrained"))
+    previous = copy.deepcopy(sweeps)
+    del previous["recipe"]["arms"]["mlp.c_proj r=12"]
+    previous["placement"] = [r for r in previous["placement"] if r["arm"] != "mlp.c_proj r=12"]
+    again = gpt2_lab.make_sweeps(lab, previous=previous)
+    assert set(calls) == {"mlp.c_proj r=12"}
+    assert len(calls) == len(gpt2_lab.SEEDS) * len(gpt2_lab.LRS)
+    assert again["samples"] == sweeps["samples"] and again["other"] == sweeps["other"]
 
 
 def test_the_sweeps_file_is_current(lab, sweeps):
