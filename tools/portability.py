@@ -209,6 +209,18 @@ def checkpoint_spread(envs: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measured_on(argv: list[str] | None) -> str:
+    """When, where and by which command a report was made (one sentence)."""
+    import datetime
+    import platform
+
+    import torch
+
+    command = "python tools/portability.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    return (f"Measured on {datetime.date.today().isoformat()} ({platform.machine()}, "
+            f"{os.cpu_count()} CPU cores, torch {torch.__version__}) with `{command}`.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="default: notebooks/*.ipynb")
@@ -222,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.checkpoints:
         table = checkpoint_spread(args.env or list(MATRIX))
+        table = f"{measured_on(argv)}\n\n{table}"
         print(table)
         if args.report:
             args.report.write_text(table)
@@ -239,9 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         results = dict(pool.map(run, jobs))
 
-    lines = ["# Portability matrix", "",
-             "Each chapter executed in a fresh kernel under each environment; every output",
-             "nbval compares, after its sanitisers, compared with the stored notebook.", "",
+    lines = [f"{measured_on(argv)[:-1]}: {len(paths)} chapters, each executed in a fresh "
+             "kernel under each environment; every output nbval compares, after its "
+             "sanitisers, compared with the stored notebook.", "",
              "| environment | settings | cells compared | cells that differ | errors |",
              "| --- | --- | ---: | ---: | --- |"]
     differences: list[Difference] = []
@@ -265,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = {"stored": stored[i], **{env: results[path, env][0].get(i, "") for env in envs}}
             if len(set(runs.values())) > 1:
                 differences.extend(number_differences(path.stem, i, runs))
-    lines += ["", "## Printed values that differ", ""]
+    lines += ["", "**Printed values that differ.**", ""]
     if differences:
         lines += ["| chapter | cell | line | " + " | ".join(["stored", *envs]) + " | spread |",
                   "| --- | ---: | --- | " + " | ".join("---" for _ in ["stored", *envs]) + " | ---: |"]
