@@ -227,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", choices=list(MATRIX),
                         help="an environment of the matrix (repeatable; default: all)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="kernels at once (timings are then not comparable)")
+                        help="kernels at once (timings are then not comparable; more jobs than "
+                             "cores / threads oversubscribes OpenMP and can be ten times slower)")
     parser.add_argument("--report", type=Path, help="also write the report (markdown) here")
     parser.add_argument("--checkpoints", action="store_true",
                         help="measure the shipped checkpoints' recipes instead of the chapters")
