@@ -98,7 +98,7 @@ LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 OTHER_PRETRAIN_SEED = 1
 #: The adapter seeds of the placement runs repeated from the second checkpoint.
 OTHER_SEEDS = (0, 1, 2)
-#: The arms repeated from the second checkpoint: those of chapter 7's first three
+#: The arms repeated from the second checkpoint, those of chapter 7's first three
 #: comparisons.
 OTHER_ARMS = ("attention r=10", "MLP r=6", "c_attn r=15", "c_fc r=12")
 #: The length of every placement run (the main run's).
